@@ -1,0 +1,3 @@
+from after_ray.cli import main
+
+raise SystemExit(main())

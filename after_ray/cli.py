@@ -1,0 +1,158 @@
+"""`after-ray` command line: one thin command per stage, each a call into the library.
+
+Every command takes ``--config FILE`` plus dotted overrides (``al.budget.max_total=0.2``).
+Errors meant for the user (bad config, missing corpus, invalid label file) print one clear message
+and exit with code 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from after_ray.errors import AfterRayError
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _load(args: argparse.Namespace):
+    from after_ray.config import load_config
+
+    path = args.config
+    if path is None and getattr(args, "default_demo", False) and DEMO_CONFIG.is_file():
+        path = DEMO_CONFIG
+    return load_config(path, args.overrides)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the fully resolved configuration (defaults + file + overrides) as YAML."""
+    print(_load(args).to_yaml(), end="")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from after_ray.prepare import prepare
+
+    config = _load(args)
+    result = prepare(config)
+    print(f"manifest: {result.n_rows} utterances -> {result.manifest_path}")
+    _print_json(result.description)
+    print(result.summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from after_ray.demo import run_demo
+
+    run_demo(_load(args))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "audio":
+        from after_ray.bench_audio import run_audio_benchmark
+
+        run_audio_benchmark(n_files=args.n_files, seconds=args.seconds)
+        return 0
+    if args.what == "select":
+        from after_ray.bench_select import run_select_benchmark
+
+        run_select_benchmark(
+            n=args.n,
+            d=args.d,
+            k=args.k,
+            strategy=args.strategy,
+            shards=args.shards,
+            data=args.data,
+            naive_picks=args.naive_picks,
+        )
+        return 0
+    if args.what == "finetune":
+        from after_ray.bench_finetune import run_finetune_benchmark
+
+        run_finetune_benchmark(_load(args))
+        return 0
+    raise AfterRayError(f"unknown benchmark {args.what!r}")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides applied after the file, e.g. al.budget.max_total=0.2",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="after-ray",
+        description="Active learning with task-adaptive pre-training for speech emotion "
+        "recognition, on Ray.",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("demo", cmd_demo, "build the demo corpus and run the pipeline on it")
+    _add_config_args(p)
+    p.set_defaults(default_demo=True)
+
+    p = command("prepare", cmd_prepare, "corpus -> checked manifest + quarantine table")
+    _add_config_args(p)
+
+    p = command("config", cmd_config, "print the resolved configuration")
+    _add_config_args(p)
+
+    p = command("bench", cmd_bench, "benchmarks: our code against a baseline in the same run")
+    p.add_argument("what", choices=["audio", "select", "finetune"])
+    p.add_argument("--n-files", type=int, default=200, help="audio: files per sample rate")
+    p.add_argument("--seconds", type=float, default=3.0, help="audio: seconds per file")
+    p.add_argument("--n", type=int, default=1_000_000, help="select: pool size")
+    p.add_argument("--d", type=int, default=768, help="select: embedding dimension")
+    p.add_argument("--k", type=int, default=10_000, help="select: picks")
+    p.add_argument(
+        "--strategy", default="coreset", choices=["coreset", "badge", "cluster-margin"]
+    )
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--data", default="random", choices=["random", "clustered"])
+    p.add_argument("--naive-picks", type=int, default=20)
+    _add_config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return int(args.func(args) or 0)
+    except AfterRayError as exc:
+        print(f"after-ray: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("after-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

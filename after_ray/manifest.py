@@ -1,0 +1,138 @@
+"""The manifest: one Parquet row per utterance, the only way the engine refers to audio.
+
+Schema (``MANIFEST_SCHEMA``):
+
+=============  ==================  ======================================================
+column         type                meaning
+=============  ==================  ======================================================
+utt_id         string, required    stable unique id: ``<corpus>/<path below the root>``
+path           string, required    absolute path of the audio file
+duration_s     float64             duration from the file header (prepare stage)
+sample_rate    int32               native sample rate of the file (prepare stage)
+label          string, nullable    class name; null for unlabeled pool rows
+votes          list<string>        one entry per annotator (soft labels); null if unknown
+speaker        string, required    speaker id, unique across corpora (``corpus/id``)
+session        string, nullable    recording session (IEMOCAP ``Session1``...)
+gender         string, nullable    ``F`` / ``M``
+corpus         string, required    corpus name
+split          string, nullable    ``train`` / ``val`` / ``test``
+=============  ==================  ======================================================
+
+Items are always named by ``utt_id``, never by their row position.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from after_ray.errors import CorpusError
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("utt_id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("duration_s", pa.float64()),
+        pa.field("sample_rate", pa.int32()),
+        pa.field("label", pa.string()),
+        pa.field("votes", pa.list_(pa.string())),
+        pa.field("speaker", pa.string(), nullable=False),
+        pa.field("session", pa.string()),
+        pa.field("gender", pa.string()),
+        pa.field("corpus", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+    ]
+)
+COLUMNS = tuple(MANIFEST_SCHEMA.names)
+SPLITS = ("train", "val", "test")
+
+
+def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
+    """Manifest rows (dicts) -> an Arrow table with the manifest schema, sorted by utt_id."""
+    rows = sorted(rows, key=lambda r: r["utt_id"])
+    columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    check_unique_ids(table)
+    return table
+
+
+def table_to_rows(table: pa.Table) -> list[dict[str, Any]]:
+    return table.to_pylist()
+
+
+def check_unique_ids(table: pa.Table) -> None:
+    ids = table.column("utt_id").to_pylist()
+    if len(ids) != len(set(ids)):
+        dupes = [k for k, n in Counter(ids).items() if n > 1][:5]
+        raise CorpusError(
+            f"manifest has duplicate utt_id values, e.g. {dupes}: two files map to the same id; "
+            "rename one of them or load the corpora as separate parts of a merged corpus"
+        )
+
+
+def write_manifest(table_or_rows: pa.Table | Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write atomically (temporary file + rename) so a crash never leaves half a manifest."""
+    table = table_or_rows if isinstance(table_or_rows, pa.Table) else rows_to_table(table_or_rows)
+    table = table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | Path) -> pa.Table:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(
+            f"manifest {str(path)!r} not found: run `after-ray prepare --config ...` first"
+        )
+    table = pq.read_table(path)
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise CorpusError(
+            f"manifest {str(path)!r} lacks columns {missing}: it was not written by after-ray "
+            "prepare; rebuild it"
+        )
+    return table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA)
+
+
+def filter_split(table: pa.Table, split: str) -> pa.Table:
+    mask = pc.equal(table.column("split"), split)
+    return table.filter(mask)
+
+
+def class_names_of(table: pa.Table, classes: list[str] | None = None) -> list[str]:
+    """The class order: the configured list, else the sorted labels present."""
+    present = sorted({label for label in table.column("label").to_pylist() if label is not None})
+    if classes is None:
+        return present
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise CorpusError(
+            f"labels {unknown} occur in the corpus but are not in corpus.classes {classes}: "
+            "add them to corpus.classes or map them with corpus.label_map"
+        )
+    return list(classes)
+
+
+def describe(table: pa.Table) -> dict[str, Any]:
+    """Counts and durations, per split and per label, for printing."""
+    rows = table.select(["split", "label", "duration_s", "speaker"]).to_pylist()
+    out: dict[str, Any] = {"utterances": len(rows)}
+    out["hours"] = round(sum(r["duration_s"] or 0.0 for r in rows) / 3600.0, 3)
+    out["speakers"] = len({r["speaker"] for r in rows})
+    by_split: dict[str, Counter] = {}
+    for r in rows:
+        by_split.setdefault(r["split"] or "none", Counter())[r["label"] or "unlabeled"] += 1
+    out["splits"] = {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())}
+    return out
+

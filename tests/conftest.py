@@ -1,0 +1,42 @@
+"""Shared fixtures: one local Ray instance for the whole session, small synthesized audio."""
+
+from __future__ import annotations
+
+import os
+
+# Set before Ray is imported anywhere: no token file side effects, readable per-worker logs,
+# and no attempt to attach to a stray cluster address left in the environment.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest  # noqa: E402
+
+# Small object store: the streaming tests rely on it being much smaller than the data they push.
+RAY_OBJECT_STORE_BYTES = 200 * 1024**2
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """A local Ray instance shared by every test that needs Ray (started on first use)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=4,
+            num_gpus=0,
+            object_store_memory=RAY_OBJECT_STORE_BYTES,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        )
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    # Shut down once, at the end of the session.
+    ray.shutdown()
