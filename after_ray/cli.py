@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", cmd_bench, "benchmarks: our code against a baseline in the same run")
     p.add_argument("what", choices=["audio", "select", "finetune"])
-    p.add_argument("--n-files", type=int, default=200, help="audio: files per sample rate")
+    p.add_argument("--n-files", type=int, default=200, help="audio: total files (alternating over the rates)")
     p.add_argument("--seconds", type=float, default=3.0, help="audio: seconds per file")
     p.add_argument("--n", type=int, default=1_000_000, help="select: pool size")
     p.add_argument("--d", type=int, default=768, help="select: embedding dimension")

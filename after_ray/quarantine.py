@@ -1,0 +1,108 @@
+"""The quarantine table: files that cannot be used, with the reason, so none is silently dropped.
+
+Schema (``QUARANTINE_SCHEMA``), one row per rejected file:
+
+=======  ======  ==========================================================================
+column   type    meaning
+=======  ======  ==========================================================================
+utt_id   string  the manifest id the file would have had
+path     string  the file
+reason   string  a stable code from ``after_ray.audio.REASONS`` (missing_file, unreadable, ...)
+detail   string  the specifics: OS / libsndfile message, measured duration or level
+stage    string  where it was caught: ``probe`` (prepare stage) or ``load`` (training/scoring)
+=======  ======  ==========================================================================
+
+It is written as Parquet (for code) and a CSV twin next to it (for people).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from after_ray.errors import CorpusError
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("utt_id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string()),
+        pa.field("stage", pa.string()),
+    ]
+)
+QUARANTINE_COLUMNS = tuple(QUARANTINE_SCHEMA.names)
+
+
+def quarantine_table(rows: pa.Table | Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows (dicts or a table with at least these columns) -> a table with the schema."""
+    if isinstance(rows, pa.Table):
+        missing = [c for c in QUARANTINE_COLUMNS if c not in rows.column_names]
+        for name in missing:
+            rows = rows.append_column(name, pa.nulls(rows.num_rows, pa.string()))
+        return rows.select(list(QUARANTINE_COLUMNS)).cast(QUARANTINE_SCHEMA)
+    rows = list(rows)
+    columns = {name: [row.get(name) for row in rows] for name in QUARANTINE_COLUMNS}
+    return pa.table(columns, schema=QUARANTINE_SCHEMA)
+
+
+def csv_twin(path: str | Path) -> Path:
+    return Path(path).with_suffix(".csv")
+
+
+def _atomic_write(path: Path, write) -> None:
+    # Temporary file + rename: a crash never leaves half a table for the next stage to read.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_quarantine(rows: pa.Table | Iterable[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write the table (possibly empty) as Parquet plus a ``.csv`` twin; returns the Parquet path."""
+    table = quarantine_table(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    _atomic_write(csv_twin(path), lambda tmp: pacsv.write_csv(table, tmp))
+    return path
+
+
+def read_quarantine(path: str | Path) -> pa.Table:
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(
+            f"quarantine table {str(path)!r} not found: run `after-ray prepare --config ...` first"
+        )
+    return quarantine_table(pq.read_table(path))
+
+
+def reason_counts(table: pa.Table) -> dict[str, int]:
+    return dict(Counter(table.column("reason").to_pylist()))
+
+
+def summary_line(
+    n_quarantined: int,
+    n_total: int,
+    path: str | Path,
+    reasons: Mapping[str, int] | None = None,
+) -> str:
+    """One line for logs and the CLI, e.g.
+    ``quarantine: 7 of 960 files (0.7%) -> runs/x/quarantine.parquet (reasons: silent 3, unreadable 4)``.
+
+    Without ``reasons``, the counts are read from the table at ``path`` when it exists.
+    """
+    if reasons is None and n_quarantined and Path(path).is_file():
+        reasons = reason_counts(read_quarantine(path))
+    share = 100.0 * n_quarantined / n_total if n_total else 0.0
+    line = f"quarantine: {n_quarantined} of {n_total} files ({share:.1f}%) -> {path}"
+    if reasons:
+        listed = ", ".join(f"{name} {count}" for name, count in sorted(reasons.items()))
+        line += f" (reasons: {listed})"
+    return line
