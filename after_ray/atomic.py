@@ -1,0 +1,152 @@
+"""Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half.
+
+Every write goes to a temporary file in the destination's directory (same filesystem, so the
+rename is atomic), is flushed and fsync'ed, then ``os.replace``'d over the destination, and the
+directory is fsync'ed so the rename itself survives a power cut. If anything fails on the way
+(disk full, permission, a crash of the serialiser) the temporary file is removed and the previous
+file is left exactly as it was. ``OSError`` becomes a ``RunStateError`` that says what could not
+be written, where, and that the previous state is still valid; other exceptions (programming
+errors) propagate unchanged after the clean-up.
+
+Temporary files are named ``.<name>.tmp-<pid>-<hex>``; :func:`is_temp_file` recognises them (and
+the ``.<name>.tmp-<pid>`` form ``manifest.write_manifest`` uses) so leftovers of a killed writer
+can be found and removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from after_ray.errors import RunStateError
+
+TEMP_NAME = re.compile(r"^\..+\.tmp-\d+(-[0-9a-f]+)?$")
+
+# What the user can do about the most common write failures.
+_ERRNO_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space",
+    errno.EDQUOT: "the disk quota is exceeded: free some space",
+    errno.EACCES: "permission denied: make the directory writable for this user",
+    errno.EPERM: "operation not permitted: make the directory writable for this user",
+    errno.EROFS: "the filesystem is read-only: point the run at a writable directory",
+}
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the name of a temporary file left by an atomic write."""
+    return bool(TEMP_NAME.match(name))
+
+
+def temp_path_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some filesystems (and all of Windows) refuse fsync on a directory; the rename is still
+        # atomic there, only its durability across a power cut is not guaranteed.
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_failure(path: Path, what: str, exc: OSError) -> RunStateError:
+    hint = _ERRNO_HINTS.get(exc.errno or 0, "fix the cause")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return RunStateError(
+        f"could not write {what} to {str(path)!r}: {reason}. The previous version of the file "
+        f"(if there was one) is untouched, so the run state is still valid; {hint} and run the "
+        "same command again to resume"
+    )
+
+
+def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str | None) -> Path:
+    path = Path(path)
+    what = what or path.name
+    tmp = temp_path_for(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # BaseException too: a KeyboardInterrupt mid-write must not leave a temp file behind.
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise write_failure(path, what, exc) from exc
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, what: str | None = None) -> Path:
+    """Replace ``path`` with ``data`` atomically. ``what`` names the content in error messages."""
+    return _atomic_write(path, lambda handle: handle.write(data), what)
+
+
+def atomic_write_text(
+    path: str | Path, text: str, *, encoding: str = "utf-8", what: str | None = None
+) -> Path:
+    return atomic_write_bytes(path, text.encode(encoding), what=what)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types from numpy scalars/arrays, paths, tuples and sets.
+
+    Non-finite floats become ``null``: JSON has no NaN, and files other tools read must be valid.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(to_jsonable(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    # numpy without importing it: scalars have .item(), arrays have .tolist().
+    if hasattr(value, "tolist"):
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item"):
+        return to_jsonable(value.item())
+    raise TypeError(f"cannot store a {type(value).__name__} as JSON: {value!r}")
+
+
+def dumps_json(obj: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(to_jsonable(obj), indent=indent, sort_keys=True, allow_nan=False) + "\n"
+
+
+def atomic_write_json(
+    path: str | Path, obj: Any, *, indent: int | None = 2, what: str | None = None
+) -> Path:
+    """Serialise first (a TypeError leaves no trace on disk), then write atomically."""
+    return atomic_write_text(path, dumps_json(obj, indent=indent), what=what)
+
+
+def atomic_write_parquet(table: Any, path: str | Path, *, what: str | None = None) -> Path:
+    """Write a ``pyarrow.Table`` to Parquet atomically."""
+    import pyarrow.parquet as pq
+
+    return _atomic_write(path, lambda handle: pq.write_table(table, handle), what)
