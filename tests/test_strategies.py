@@ -1,0 +1,717 @@
+"""Selection strategies: the shared contract for every registered strategy, and each strategy
+against a naive brute-force reference written here (explicit loops, float64).
+
+The references re-implement the documented rules independently (tie rules, cluster orders,
+random procedures); where a strategy clusters, the reference gets the same k-means result by
+calling ``after_ray.al.clustering.kmeans`` with the same arguments the strategy uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from after_ray.al.pool import PoolError, PoolView
+from after_ray.al.strategies import STRATEGIES, get_strategy, strategy_params
+from after_ray.al.strategies.base import cover_clusters, top_k
+from after_ray.al.strategies.cluster_margin import (
+    ClusterMarginSampling,
+    default_n_clusters,
+    round_robin_smallest_first,
+)
+from after_ray.al.strategies.cold_start import AfterInit, elbow_index, elbow_n_clusters
+from after_ray.al.strategies.typiclust import TypiClustSampling
+from after_ray.errors import AfterRayError, ConfigError
+
+ALL_FIELDS = ("probs", "mc_probs", "embeddings", "penultimate", "durations")
+
+
+# ---------------------------------------------------------------------------- pools
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def make_ids(n: int, rng: np.random.Generator) -> np.ndarray:
+    # Ids in a shuffled (non-sorted) row order, so "ties by utt_id" differs from "by position".
+    ids = np.array([f"corpus/spk{i % 7}/utt{i:04d}" for i in range(n)])
+    return ids[rng.permutation(n)]
+
+
+def make_pool(
+    n: int = 60,
+    *,
+    n_labeled: int = 15,
+    n_classes: int = 4,
+    dim: int = 6,
+    hidden: int = 5,
+    mc_samples: int = 5,
+    seed: int = 0,
+    duplicates: bool = False,
+    fields: tuple[str, ...] = ALL_FIELDS,
+) -> PoolView:
+    """A random pool; ``duplicates`` draws every row from a few distinct ones (exact ties)."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 3, size=n) if duplicates else np.arange(n)
+    m = int(rows.max()) + 1 if n else 0
+    logits = rng.normal(size=(m, n_classes)) * 2.0
+    mc_logits = logits[:, None, :] + rng.normal(size=(m, mc_samples, n_classes))
+    labeled = np.zeros(n, dtype=bool)
+    labeled[rng.choice(n, size=min(n_labeled, n), replace=False)] = True
+    values = {
+        "probs": softmax(logits)[rows],
+        "mc_probs": softmax(mc_logits)[rows],
+        "embeddings": rng.normal(size=(m, dim)).astype(np.float32)[rows],
+        "penultimate": rng.normal(size=(m, hidden)).astype(np.float32)[rows],
+        "durations": rng.uniform(0.5, 8.0, size=m)[rows],
+    }
+    return PoolView(
+        utt_ids=make_ids(n, rng), labeled=labeled, **{f: values[f] for f in fields}
+    )
+
+
+def unlabeled_ids(pool: PoolView) -> set[str]:
+    return set(pool.utt_ids[~pool.labeled].tolist())
+
+
+def positions_of(pool: PoolView, ids: list[str]) -> list[int]:
+    where = {u: i for i, u in enumerate(pool.utt_ids.tolist())}
+    return [where[u] for u in ids]
+
+
+# Small k-means iteration counts keep the suite fast; the contract does not depend on them.
+FAST_PARAMS = {
+    "cluster_margin": {"kmeans_niter": 5},
+    "typiclust": {"kmeans_niter": 5},
+    "after_init": {"kmeans_niter": 5, "max_clusters": 5, "kmeans_n_init": 2},
+}
+
+
+def build(name: str):
+    return get_strategy(name, **FAST_PARAMS.get(name, {}))
+
+
+def assert_contract(pool: PoolView, name: str, batch_size: int, seed: int) -> list[str]:
+    strategy = build(name)
+    picked = strategy.select(pool, batch_size, seed=seed)
+    assert isinstance(picked, list) and all(isinstance(u, str) for u in picked)
+    assert len(picked) == min(batch_size, pool.n_unlabeled)
+    assert len(set(picked)) == len(picked), "duplicate pick"
+    assert set(picked) <= unlabeled_ids(pool), "picked a labeled or unknown item"
+    assert strategy.select(pool, batch_size, seed=seed) == picked, "not deterministic"
+    return picked
+
+
+# ---------------------------------------------------------------------------- contract
+
+
+STRATEGY_NAMES = sorted(STRATEGIES)
+
+
+def test_registry_holds_every_strategy_in_the_brief():
+    assert set(STRATEGIES) == {
+        "random", "entropy", "least_confidence", "margin", "bald", "coreset", "badge",
+        "cluster_margin", "typiclust", "after_init", "after",
+    }
+    for name, cls in STRATEGIES.items():
+        assert cls.name == name
+        assert set(cls.requires) <= set(ALL_FIELDS)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+class TestContract:
+    """The contract every registered strategy keeps (a new strategy is covered automatically)."""
+
+    def test_batch_of_unlabeled_distinct_items_deterministic(self, name):
+        pool = make_pool(seed=1)
+        before = {f: getattr(pool, f).copy() for f in ALL_FIELDS}
+        assert_contract(pool, name, 10, seed=3)
+        for f in ALL_FIELDS:  # strategies must not write into the pool's arrays
+            np.testing.assert_array_equal(getattr(pool, f), before[f])
+
+    def test_batch_larger_than_unlabeled_returns_all_unlabeled(self, name):
+        pool = make_pool(n=30, n_labeled=22, seed=2)
+        picked = assert_contract(pool, name, 50, seed=0)
+        assert set(picked) == unlabeled_ids(pool)
+
+    def test_batch_zero_and_exhausted_pool_return_nothing(self, name):
+        pool = make_pool(n=20, n_labeled=5, seed=3)
+        assert build(name).select(pool, 0, seed=0) == []
+        full = pool.with_labeled(np.ones(len(pool), dtype=bool))
+        assert build(name).select(full, 5, seed=0) == []
+
+    def test_no_labeled_items(self, name):
+        assert_contract(make_pool(n=40, n_labeled=0, seed=4), name, 7, seed=1)
+
+    def test_duplicated_rows_take_the_whole_pool_without_repeats(self, name):
+        pool = make_pool(n=25, n_labeled=4, seed=5, duplicates=True)
+        picked = assert_contract(pool, name, 25, seed=2)
+        assert set(picked) == unlabeled_ids(pool)
+
+    def test_missing_required_field_is_a_clear_error(self, name):
+        strategy = build(name)
+        for missing in sorted(strategy.requires):
+            pool = make_pool(seed=6, fields=tuple(f for f in ALL_FIELDS if f != missing))
+            with pytest.raises(PoolError, match=missing) as info:
+                strategy.select(pool, 5, seed=0)
+            assert name in str(info.value)
+        # With exactly the required fields it works.
+        assert_contract(make_pool(seed=6, fields=tuple(strategy.requires)), name, 5, seed=0)
+
+    def test_score_is_none_or_one_finite_value_per_row(self, name):
+        pool = make_pool(seed=11)
+        scores = build(name).score(pool)
+        if scores is not None:
+            assert scores.shape == (len(pool),) and np.isfinite(scores).all()
+
+    def test_bad_batch_size_or_seed_is_rejected(self, name):
+        pool = make_pool(n=20, seed=7)
+        for bad in (-1, 2.5, "3", True):
+            with pytest.raises(PoolError, match="batch_size"):
+                build(name).select(pool, bad, seed=0)
+        with pytest.raises(PoolError, match="seed"):
+            build(name).select(pool, 3, seed=-1)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(STRATEGY_NAMES),
+    n=st.integers(1, 40),
+    labeled_fraction=st.floats(0.0, 1.0),
+    batch_size=st.integers(0, 45),
+    seed=st.integers(0, 2**31 - 1),
+    duplicates=st.booleans(),
+)
+def test_contract_on_random_pools(name, n, labeled_fraction, batch_size, seed, duplicates):
+    pool = make_pool(
+        n=n, n_labeled=int(labeled_fraction * n), seed=seed % 1000, duplicates=duplicates
+    )
+    picked = assert_contract(pool, name, batch_size, seed)
+    if batch_size >= pool.n_unlabeled:
+        assert set(picked) == unlabeled_ids(pool)
+
+
+def test_random_depends_on_seed_and_not_on_row_order():
+    pool = make_pool(n=200, n_labeled=50, seed=8)
+    strategy = get_strategy("random")
+    a = strategy.select(pool, 20, seed=0)
+    assert strategy.select(pool, 20, seed=1) != a
+    shuffled = pool.take(np.random.default_rng(0).permutation(len(pool)))
+    assert strategy.select(shuffled, 20, seed=0) == a
+    assert strategy.select(pool.sorted_by_utt_id(), 20, seed=0) == a
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+def test_get_strategy_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="valid names: .*after.*typiclust"):
+        get_strategy("kcenter")
+    with pytest.raises(ConfigError, match="prefilter_factor"):
+        get_strategy("after", prefilter=3)
+    with pytest.raises(ConfigError, match="does not take"):
+        get_strategy("entropy", temperature=2.0)
+    with pytest.raises(ConfigError, match="uncertainty"):
+        get_strategy("after", uncertainty="variance")
+    with pytest.raises(ConfigError, match="prefilter_factor"):
+        get_strategy("after", prefilter_factor=0.5)
+    with pytest.raises(ConfigError, match="n_clusters"):
+        get_strategy("after_init", n_clusters=0)
+    assert type(get_strategy("Cluster-Margin")).name == "cluster_margin"
+    assert strategy_params("after") == {"uncertainty": "entropy", "prefilter_factor": 4.0}
+    assert issubclass(ConfigError, AfterRayError)
+
+
+def test_after_requires_follow_the_uncertainty_measure():
+    assert get_strategy("after").requires == {"probs", "embeddings"}
+    assert get_strategy("after", uncertainty="bald").requires == {"mc_probs", "embeddings"}
+    assert "prefilter_factor=4.0" in repr(get_strategy("after"))
+
+
+# ---------------------------------------------------------------------------- PoolView
+
+
+def test_poolview_validation_messages():
+    ids = np.array(["a", "b", "c"])
+    lab = np.zeros(3, dtype=bool)
+    probs = np.full((3, 2), 0.5)
+    PoolView(ids, lab, probs=probs)  # valid
+    cases = [
+        ({"utt_ids": np.array(["a", "b", "a"])}, "duplicate"),
+        ({"utt_ids": np.arange(3)}, "strings"),
+        ({"labeled": np.zeros(3, dtype=int)}, "bool"),
+        ({"labeled": np.zeros(4, dtype=bool)}, "shape"),
+        ({"probs": np.full((3, 2), 0.6)}, "sum to 1"),
+        ({"probs": np.array([[2.0, -1.0]] * 3)}, "negative"),
+        ({"probs": np.full((2, 2), 0.5)}, "3 rows"),
+        ({"probs": np.array([[np.nan, 1.0]] * 3)}, "non-finite"),
+        ({"probs": np.ones((3, 1))}, "2 classes"),
+        ({"mc_probs": np.full((3, 4, 3), 1 / 3)}, "classes"),
+        ({"embeddings": np.ones((3, 2, 1))}, "2-D"),
+        ({"embeddings": np.array([[1.0, np.inf]] * 3)}, "non-finite"),
+        ({"durations": np.array([1.0, 0.0, 2.0])}, "> 0"),
+    ]
+    for change, message in cases:
+        kwargs = {"utt_ids": ids, "labeled": lab, "probs": probs} | change
+        with pytest.raises(PoolError, match=message):
+            PoolView(**kwargs)
+    assert issubclass(PoolError, AfterRayError) and issubclass(PoolError, ValueError)
+
+
+def test_poolview_accessors_and_reordering():
+    pool = make_pool(n=12, n_labeled=4, seed=9)
+    assert len(pool) == 12 and pool.n_unlabeled == 8
+    assert pool.present_fields() == set(ALL_FIELDS)
+    ordered = pool.sorted_by_utt_id()
+    assert list(ordered.utt_ids) == sorted(pool.utt_ids)
+    back = {u: i for i, u in enumerate(pool.utt_ids)}
+    for j, u in enumerate(ordered.utt_ids):
+        np.testing.assert_array_equal(ordered.embeddings[j], pool.embeddings[back[u]])
+        assert ordered.labeled[j] == pool.labeled[back[u]]
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def naive_entropy(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def naive_rank(pool: PoolView, score, k: int, *, smallest: bool = False) -> list[str]:
+    """Explicit sort of the unlabeled items by score (highest or smallest first), then utt_id."""
+    rows = [
+        ((score(i) if smallest else -score(i)), str(pool.utt_ids[i]))
+        for i in range(len(pool))
+        if not pool.labeled[i]
+    ]
+    return [u for _, u in sorted(rows)[:k]]
+
+
+def tied_probs_pool(seed: int, n: int = 50) -> PoolView:
+    """Probabilities drawn from a handful of rows: many exact ties across items."""
+    rng = np.random.default_rng(seed)
+    base = softmax(rng.normal(size=(4, 3)) * 2)
+    rows = rng.integers(0, 4, size=n)
+    mc = softmax(rng.normal(size=(4, 6, 3)) * 2)
+    labeled = rng.random(n) < 0.3
+    return PoolView(make_ids(n, rng), labeled, probs=base[rows], mc_probs=mc[rows])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tied", [False, True])
+def test_uncertainty_scores_match_explicit_sort(seed, tied):
+    pool = tied_probs_pool(seed) if tied else make_pool(n=80, n_labeled=20, seed=seed)
+    p = pool.probs.tolist()
+
+    def margin(i):
+        top = sorted(p[i], reverse=True)
+        return top[0] - top[1]
+
+    k = 15
+    assert get_strategy("entropy").select(pool, k, seed=0) == naive_rank(
+        pool, lambda i: naive_entropy(p[i]), k
+    )
+    assert get_strategy("least_confidence").select(pool, k, seed=0) == naive_rank(
+        pool, lambda i: 1.0 - max(p[i]), k
+    )
+    assert get_strategy("margin").select(pool, k, seed=0) == naive_rank(
+        pool, margin, k, smallest=True
+    )
+    np.testing.assert_allclose(
+        get_strategy("entropy").score(pool), [naive_entropy(r) for r in p], atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bald_matches_explicit_formula(tied):
+    pool = tied_probs_pool(3) if tied else make_pool(n=80, n_labeled=20, seed=3, mc_samples=7)
+    mc = pool.mc_probs.tolist()
+
+    def bald(i):  # H[mean_t p_t] - mean_t H[p_t], written out
+        samples = mc[i]
+        t = len(samples)
+        mean = [sum(s[c] for s in samples) / t for c in range(len(samples[0]))]
+        return naive_entropy(mean) - sum(naive_entropy(s) for s in samples) / t
+
+    assert get_strategy("bald").select(pool, 12, seed=0) == naive_rank(pool, bald, 12)
+    np.testing.assert_allclose(
+        get_strategy("bald").score(pool), [bald(i) for i in range(len(pool))], atol=1e-12
+    )
+    one_sample = PoolView(pool.utt_ids, pool.labeled, mc_probs=pool.mc_probs[:, :1])
+    with pytest.raises(PoolError, match="at least 2"):
+        get_strategy("bald").select(one_sample, 3, seed=0)
+
+
+def test_score_ranking_ignores_row_order():
+    pool = tied_probs_pool(5)
+    shuffled = pool.take(np.random.default_rng(1).permutation(len(pool)))
+    for name in ("entropy", "least_confidence", "margin", "bald"):
+        assert get_strategy(name).select(shuffled, 9, seed=0) == get_strategy(name).select(
+            pool, 9, seed=0
+        )
+
+
+def test_top_k_takes_ties_by_utt_id():
+    ids = np.array(["d", "b", "a", "c", "e"])
+    scores = np.array([1.0, 2.0, 1.0, 2.0, 0.5])
+    positions = np.arange(5)
+    assert top_k(scores, positions, ids, 3).tolist() == [1, 3, 2]
+    assert top_k(scores, positions, ids, 10).tolist() == [1, 3, 2, 0, 4]
+
+
+def naive_kcenter(x, labeled_positions, candidate_mask, k) -> list[int]:
+    """Plain O(N k) greedy from the rule in kcenter.py: float64, ties to the lowest position."""
+    x = np.asarray(x, dtype=np.float64)
+    labeled_positions = list(labeled_positions)
+    cand = [i for i in range(len(x)) if candidate_mask[i] and i not in labeled_positions]
+    centers = list(labeled_positions)
+    picks: list[int] = []
+
+    def d2(i, j):
+        return float(((x[i] - x[j]) ** 2).sum())
+
+    if not centers and cand:
+        mean = x[cand].mean(axis=0)
+        first = min(cand, key=lambda i: (float(((x[i] - mean) ** 2).sum()), i))
+        picks.append(first)
+        centers.append(first)
+    while len(picks) < min(k, len(cand)):
+        rest = [i for i in cand if i not in picks]
+        best = max(rest, key=lambda i: (min(d2(i, c) for c in centers), -i))
+        picks.append(best)
+        centers.append(best)
+    return picks
+
+
+@pytest.mark.parametrize("n_labeled", [0, 1, 12])
+def test_coreset_matches_naive_greedy(n_labeled):
+    pool = make_pool(n=70, n_labeled=n_labeled, seed=10 + n_labeled, dim=5)
+    picked = get_strategy("coreset").select(pool, 12, seed=0)
+    expected = naive_kcenter(pool.embeddings, pool.labeled_positions, ~pool.labeled, 12)
+    assert positions_of(pool, picked) == expected
+
+
+def naive_prefilter(pool: PoolView, score, m: int) -> list[int]:
+    rows = sorted(
+        (-score(i), str(pool.utt_ids[i]), i) for i in range(len(pool)) if not pool.labeled[i]
+    )
+    return [i for _, _, i in rows[:m]]
+
+
+@pytest.mark.parametrize(
+    ("uncertainty", "factor", "n_labeled"),
+    [("entropy", 4.0, 10), ("margin", 2.5, 10), ("bald", 3.0, 0), ("least_confidence", 1.0, 5)],
+)
+def test_after_hybrid_matches_naive_prefilter_then_greedy(uncertainty, factor, n_labeled):
+    pool = make_pool(n=90, n_labeled=n_labeled, seed=20, dim=4)
+    p, mc = pool.probs.tolist(), pool.mc_probs.tolist()
+
+    def score(i):
+        if uncertainty == "entropy":
+            return naive_entropy(p[i])
+        if uncertainty == "least_confidence":
+            return 1.0 - max(p[i])
+        if uncertainty == "margin":
+            top = sorted(p[i], reverse=True)
+            return -(top[0] - top[1])
+        t = len(mc[i])
+        mean = [sum(s[c] for s in mc[i]) / t for c in range(len(p[i]))]
+        return naive_entropy(mean) - sum(naive_entropy(s) for s in mc[i]) / t
+
+    k = 8
+    m = min(pool.n_unlabeled, math.ceil(factor * k))
+    mask = np.zeros(len(pool), dtype=bool)
+    mask[naive_prefilter(pool, score, m)] = True
+    expected = naive_kcenter(pool.embeddings, pool.labeled_positions, mask, k)
+    strategy = get_strategy("after", uncertainty=uncertainty, prefilter_factor=factor)
+    assert positions_of(pool, strategy.select(pool, k, seed=0)) == expected
+    if factor == 1.0:  # no room for diversity: exactly the top-k uncertain items, re-ordered
+        top = naive_rank(pool, score, k)
+        assert set(strategy.select(pool, k, seed=0)) == set(top)
+
+
+def test_after_hybrid_is_more_diverse_than_top_k_on_near_duplicates():
+    # Two tight groups of near-duplicates, both maximally uncertain: top-k entropy takes one
+    # group whole, the hybrid takes from both.
+    rng = np.random.default_rng(0)
+    n = 40
+    emb = np.zeros((n, 2), dtype=np.float32)
+    emb[:20] = [0.0, 0.0]
+    emb[20:] = [10.0, 10.0]
+    emb += rng.normal(scale=0.01, size=emb.shape).astype(np.float32)
+    probs = np.tile([0.9, 0.1], (n, 1))
+    probs[:10] = [0.5, 0.5]
+    probs[20:30] = [0.5001, 0.4999]
+    ids = np.array([f"u{i:02d}" for i in range(n)])
+    pool = PoolView(ids, np.zeros(n, dtype=bool), probs=probs, embeddings=emb)
+    top = get_strategy("entropy").select(pool, 4, seed=0)
+    hybrid = get_strategy("after", prefilter_factor=5).select(pool, 4, seed=0)
+    assert {int(u[1:]) // 20 for u in top} == {0}
+    assert {int(u[1:]) // 20 for u in hybrid} == {0, 1}
+    assert all(int(u[1:]) % 20 < 10 for u in hybrid)  # still only the uncertain items
+
+
+# ---------------------------------------------------------------------------- badge
+
+
+def naive_badge(pool: PoolView, k: int, seed: int) -> list[int]:
+    """Explicit gradient embeddings + k-means++ by the seeding rule in badge_fast.py."""
+    cand = [i for i in range(len(pool)) if not pool.labeled[i]]
+    g = {}
+    for i in cand:
+        p = pool.probs[i].astype(np.float64)
+        residual = p.copy()
+        residual[int(np.argmax(p))] -= 1.0  # first maximum
+        g[i] = np.outer(residual, pool.penultimate[i].astype(np.float64)).ravel()
+
+    def d2(i, centers):
+        return min(float(((g[i] - g[c]) ** 2).sum()) for c in centers)
+
+    # 1. the largest gradient norm first (ties: lowest position)
+    first = max(cand, key=lambda i: (float((g[i] ** 2).sum()), -i))
+    picks = [first]
+    rng = np.random.default_rng(seed)
+    while len(picks) < min(k, len(cand)):
+        # 2-3. one uniform per candidate (picked or not, in position order); the pick is the
+        # smallest -log(u) / D2 among candidates with D2 > 0 (an exponential race = D2 sampling).
+        u = rng.random(len(cand))
+        keys = []
+        for j, i in enumerate(cand):
+            dist = d2(i, picks)
+            ok = i not in picks and dist > 0 and u[j] > 0
+            keys.append((-math.log(u[j]) / dist if ok else math.inf, i))
+        best_key, best = min(keys)
+        if math.isinf(best_key):
+            best = min(i for i in cand if i not in picks)
+        picks.append(best)
+    return picks
+
+
+@pytest.mark.parametrize(("n_labeled", "seed"), [(0, 0), (10, 1), (25, 7)])
+def test_badge_matches_explicit_gradient_embedding_kmeanspp(n_labeled, seed):
+    pool = make_pool(n=60, n_labeled=n_labeled, seed=60 + seed, n_classes=3, hidden=4)
+    picked = get_strategy("badge").select(pool, 10, seed=seed)
+    assert positions_of(pool, picked) == naive_badge(pool, 10, seed)
+    assert get_strategy("badge").select(pool, 10, seed=seed + 1) != picked  # the seed matters
+
+
+def test_badge_first_pick_is_the_largest_gradient():
+    # A confident item has a near-zero gradient embedding; the most uncertain one with the
+    # largest features comes first.
+    probs = np.array([[0.98, 0.01, 0.01], [0.4, 0.35, 0.25], [0.34, 0.33, 0.33]])
+    pen = np.array([[5.0, 5.0], [3.0, 3.0], [1.0, 1.0]])
+    pool = PoolView(np.array(["a", "b", "c"]), np.zeros(3, bool), probs=probs, penultimate=pen)
+    assert get_strategy("badge").select(pool, 1, seed=0) == ["b"]
+
+
+# ---------------------------------------------------------------------------- cluster margin
+
+
+def naive_cluster_margin(pool: PoolView, assignment, k: int, factor: float, seed: int) -> list[str]:
+    p = pool.probs.tolist()
+    unl = [i for i in range(len(pool)) if not pool.labeled[i]]
+
+    def margin(i):
+        top = sorted(p[i], reverse=True)
+        return top[0] - top[1]
+
+    k_m = min(len(unl), math.ceil(factor * k))
+    cand = sorted(unl, key=lambda i: (margin(i), str(pool.utt_ids[i])))[:k_m]
+    groups: dict[int, list[int]] = {}
+    for i in cand:
+        groups.setdefault(int(assignment[i]), []).append(i)
+    order = sorted(groups, key=lambda c: (len(groups[c]), c))
+    rng = np.random.default_rng(seed)
+    queues = []
+    for c in order:
+        members = sorted(groups[c], key=lambda i: str(pool.utt_ids[i]))
+        queues.append([members[j] for j in rng.permutation(len(members))])
+    picks: list[int] = []
+    rnd = 0
+    while len(picks) < k:
+        for q in queues:
+            if rnd < len(q) and len(picks) < k:
+                picks.append(q[rnd])
+        rnd += 1
+    return [str(pool.utt_ids[i]) for i in picks]
+
+
+@pytest.mark.parametrize(("n_clusters", "factor", "seed"), [(None, 10.0, 0), (6, 3.0, 1)])
+def test_cluster_margin_matches_naive_given_the_same_clustering(n_clusters, factor, seed):
+    from after_ray.al.clustering import kmeans
+
+    pool = make_pool(n=120, n_labeled=30, seed=30 + seed, dim=4)
+    strategy = ClusterMarginSampling(n_clusters=n_clusters, margin_pool_factor=factor)
+    k = 9
+    expected_k = n_clusters or default_n_clusters(len(pool))
+    _, assignment = kmeans(pool.embeddings, expected_k, seed=seed, niter=strategy.kmeans_niter)
+    np.testing.assert_array_equal(strategy.cluster(pool, seed), assignment)
+    assert strategy.select(pool, k, seed=seed) == naive_cluster_margin(
+        pool, np.asarray(assignment), k, factor, seed
+    )
+
+
+def test_round_robin_visits_smallest_clusters_first():
+    ids = np.array([f"u{i}" for i in range(9)])
+    # cluster 7: 1 candidate, cluster 3: 3 candidates, cluster 5: 5 candidates.
+    assignment = np.array([5, 3, 5, 7, 5, 3, 5, 3, 5])
+    picks = round_robin_smallest_first(np.arange(9), assignment, ids, 9, seed=0)
+    clusters = assignment[picks].tolist()
+    assert clusters == [7, 3, 5, 3, 5, 3, 5, 5, 5]
+    assert sorted(picks.tolist()) == list(range(9))
+
+
+# ---------------------------------------------------------------------------- typiclust
+
+
+def naive_typiclust(pool: PoolView, assignment, k: int, knn: int, min_size: int) -> list[int]:
+    x = pool.embeddings.astype(np.float64)
+    assignment = [int(a) for a in assignment]
+    clusters = sorted(set(assignment))
+    members = {c: [i for i in range(len(pool)) if assignment[i] == c] for c in clusters}
+    covered = {c: sum(bool(pool.labeled[i]) for i in members[c]) for c in clusters}
+
+    def typical_order(c):
+        mem = members[c]
+        nn = 0 if len(mem) < 2 else max(1, min(knn, len(mem) // 2))
+        spread = {}
+        for i in mem:
+            d = sorted(float(np.sqrt(((x[i] - x[j]) ** 2).sum())) for j in mem if j != i)
+            spread[i] = sum(d[:nn]) / nn if nn else math.inf
+        unl = [i for i in mem if not pool.labeled[i]]
+        return sorted(unl, key=lambda i: (spread[i], str(pool.utt_ids[i])))
+
+    queues = {c: typical_order(c) for c in clusters}
+    picks: list[int] = []
+    while len(picks) < k:
+        live = [c for c in clusters if queues[c]]
+        if not live:
+            break
+        c = min(live, key=lambda c: (len(members[c]) < min_size, covered[c], -len(members[c]), c))
+        picks.append(queues[c].pop(0))
+        covered[c] += 1
+    return picks
+
+
+@pytest.mark.parametrize(("n_labeled", "k", "knn", "min_size"), [(0, 10, 20, 5), (8, 14, 3, 2)])
+def test_typiclust_matches_naive_given_the_same_clustering(n_labeled, k, knn, min_size):
+    from after_ray.al.clustering import kmeans
+
+    pool = make_pool(n=90, n_labeled=n_labeled, seed=40, dim=3)
+    strategy = TypiClustSampling(knn=knn, min_cluster_size=min_size)
+    _, assignment = kmeans(
+        pool.embeddings, min(500, n_labeled + k, 90), seed=2, niter=strategy.kmeans_niter
+    )
+    expected = naive_typiclust(pool, assignment, k, knn, min_size)
+    assert positions_of(pool, strategy.select(pool, k, seed=2)) == expected
+    # And on a hand-made clustering with a tiny outlier cluster and a covered cluster.
+    handmade = np.arange(90) % 4
+    handmade[:2] = 4  # cluster 4 has 2 members: below min_size, last in line
+    assert strategy.select_with_clusters(pool, handmade, k).tolist() == naive_typiclust(
+        pool, handmade, k, knn, min_size
+    )
+
+
+def test_typiclust_picks_the_dense_core_of_a_blob():
+    rng = np.random.default_rng(1)
+    core = rng.normal(scale=0.05, size=(30, 2))
+    halo = rng.normal(scale=2.0, size=(10, 2)) + 4.0
+    emb = np.vstack([core, halo]).astype(np.float32)
+    ids = np.array([f"u{i:02d}" for i in range(40)])
+    pool = PoolView(ids, np.zeros(40, dtype=bool), embeddings=emb)
+    picked = TypiClustSampling().select(pool, 1, seed=0)
+    assert int(picked[0][1:]) < 30
+
+
+# ---------------------------------------------------------------------------- after_init
+
+
+def naive_after_init(x, centroids, assignment, pool: PoolView, k: int) -> list[int]:
+    x = np.asarray(x, dtype=np.float64)
+    clusters = sorted(set(int(a) for a in assignment))
+    members = {c: [i for i in range(len(pool)) if assignment[i] == c] for c in clusters}
+    covered = {c: sum(bool(pool.labeled[i]) for i in members[c]) for c in clusters}
+    queues = {
+        c: sorted(
+            (i for i in members[c] if not pool.labeled[i]),
+            key=lambda i, c=c: (
+                float(((x[i] - np.asarray(centroids[c], dtype=np.float64)) ** 2).sum()),
+                str(pool.utt_ids[i]),
+            ),
+        )
+        for c in clusters
+    }
+    picks: list[int] = []
+    while len(picks) < k and any(queues.values()):
+        c = min((c for c in clusters if queues[c]), key=lambda c: (covered[c], -len(members[c]), c))
+        picks.append(queues[c].pop(0))
+        covered[c] += 1
+    return picks
+
+
+@pytest.mark.parametrize(("n_clusters", "n_labeled"), [(4, 0), (5, 6), (None, 0)])
+def test_after_init_matches_naive_given_the_same_clustering(n_clusters, n_labeled):
+    pool = make_pool(n=80, n_labeled=n_labeled, seed=50, dim=4)
+    strategy = AfterInit(n_clusters=n_clusters, max_clusters=6)
+    x, centroids, assignment = strategy.cluster(pool, seed=4)
+    norms = np.linalg.norm(x, axis=1)
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)  # clustered on normalised embeddings
+    if n_clusters is not None:  # the best (lowest inertia) of n_init seeded runs, first on ties
+        from after_ray.al.clustering import kmeans
+
+        n_init = strategy.kmeans_n_init
+        runs = [
+            kmeans(x, n_clusters, seed=4 * n_init + i, niter=strategy.kmeans_niter)
+            for i in range(n_init)
+        ]
+        x64 = x.astype(np.float64)
+        inertia = [
+            float(((x64 - np.asarray(c, dtype=np.float64)[a]) ** 2).sum()) for c, a in runs
+        ]
+        np.testing.assert_array_equal(assignment, runs[int(np.argmin(inertia))][1])
+    picked = strategy.select(pool, 17, seed=4)
+    assert positions_of(pool, picked) == naive_after_init(x, centroids, assignment, pool, 17)
+
+
+def test_elbow_rule():
+    assert elbow_index(np.array([100.0, 20.0, 15.0, 12.0, 10.0])) == 1  # K = 2
+    assert elbow_index(np.array([100.0, 90.0, 80.0, 20.0, 18.0, 17.0])) == 3  # K = 4
+    assert elbow_index(np.array([100.0, 75.0, 50.0, 25.0])) == 3  # straight line: K_max
+    assert elbow_index(np.array([100.0, 99.0, 60.0, 0.0])) == 3  # concave: K_max
+    assert elbow_index(np.array([5.0])) == 0
+
+
+def test_after_init_finds_the_blobs_and_covers_each_one():
+    rng = np.random.default_rng(2)
+    centers = np.eye(4, 8) * 10.0
+    blob = np.repeat(np.arange(4), [40, 30, 20, 10])
+    emb = (centers[blob] + rng.normal(scale=0.3, size=(100, 8))).astype(np.float32)
+    ids = make_ids(100, rng)
+    pool = PoolView(ids, np.zeros(100, dtype=bool), embeddings=emb)
+    n_clusters, inertias, _ = elbow_n_clusters(
+        np.asarray(emb / np.linalg.norm(emb, axis=1, keepdims=True)), 8, seed=0, n_init=5
+    )
+    assert n_clusters == 4 and len(inertias) == 8
+    picked = AfterInit().select(pool, 8, seed=0)
+    blobs = blob[positions_of(pool, picked)].tolist()
+    assert blobs[:4] == [0, 1, 2, 3]  # round-robin, largest cluster first
+    assert blobs[4:] == [0, 1, 2, 3]
+
+
+def test_cover_clusters_round_robin_and_labeled_coverage():
+    assignment = np.array([0, 0, 0, 1, 1, 2])
+    labeled = np.array([False, False, False, True, False, False])
+
+    def by_position(cluster, members):
+        return members
+
+    # Cluster 1 already has a labeled member: clusters 0 (larger) and 2 come first.
+    picks = cover_clusters(assignment, labeled, 5, by_position)
+    assert picks.tolist() == [0, 5, 1, 4, 2]
