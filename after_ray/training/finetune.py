@@ -1,0 +1,696 @@
+"""Per-round fine-tuning of the SER classifier on the labeled set (torch only, no Ray).
+
+``finetune`` trains with class-weighted (soft) cross-entropy, evaluates on the validation set
+every epoch, keeps the weights of the epoch with the best validation UA and stops early after
+``early_stopping_patience`` epochs without improvement. It fixes AFTER's fine-tuning bugs: the
+batch provider shuffles every epoch and keeps partial batches, and the model returned is the
+best-validation one, not the last epoch's.
+
+Batches follow the audio batch contract (``input_values``, ``attention_mask``, ``utt_id``,
+``label_index``, ``soft_target``); a batch may instead carry ``cnn_features`` + ``frame_mask``
+(cached CNN encoder output, see ``build_cnn_cache`` / ``CachedFeatureBatches``).
+
+Feature cache: with a frozen CNN encoder its output depends on the utterance only, so it is
+computed once per utterance (``build_cnn_cache``) and the rest of the model trains on it. We cache
+*full* utterances and take the per-epoch random training crop in frames. Trade-off: a frame crop
+is what the CNN gives on the corresponding audio crop except that (a) the waveform was
+normalised over the whole utterance, not the crop, and (b) a GroupNorm CNN (wav2vec2-base)
+normalises its first layer over the whole utterance; a LayerNorm CNN (large models) is otherwise
+exact. Both differences are per-utterance gain/offset statistics and matter little; validation and
+scoring always see full utterances, where the cache is exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from after_ray.errors import ConfigError
+from after_ray.metrics import classification_report
+from after_ray.models.classifier import SERClassifier, SpecAugment
+from after_ray.training.finetune_settings import FinetuneConfig
+
+Batch = dict[str, Any]
+TrainBatches = Callable[[int], Iterable[Batch]]
+ValBatches = Callable[[], Iterable[Batch]]
+
+
+# --------------------------------------------------------------------------- model construction
+def build_classifier(backbone: nn.Module, n_classes: int, cfg: FinetuneConfig) -> SERClassifier:
+    """An ``SERClassifier`` with the head, SpecAugment and freezing that ``cfg`` asks for."""
+    model = SERClassifier(
+        backbone,
+        n_classes,
+        pooling=cfg.pooling,
+        dropout=cfg.head_dropout,
+        proj_size=cfg.proj_size,
+        spec_augment=SpecAugment(
+            time_prob=cfg.mask_time_prob,
+            time_length=cfg.mask_time_length,
+            time_min_masks=cfg.mask_time_min_masks,
+            channel_prob=cfg.mask_channel_prob,
+            channel_length=cfg.mask_channel_length,
+        ),
+        seed=cfg.seed,
+    )
+    # "auto" keeps what load_backbone decided from backbone.freeze_feature_encoder.
+    if cfg.freeze_feature_encoder is True:
+        model.freeze_feature_encoder()
+    elif cfg.freeze_feature_encoder is False:
+        model.unfreeze_feature_encoder()
+    return model
+
+
+# ------------------------------------------------------------------------------ seeds / hashing
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from (seed, epoch, utt_id, ...) that does not depend on the process
+    (Python's ``hash`` of a str is salted per process)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ------------------------------------------------------------------------------- loss / weights
+def class_counts_from_labels(label_index: Iterable[int], n_classes: int) -> np.ndarray:
+    """Count of labeled items per class (``-1`` = unlabeled, ignored)."""
+    labels = np.asarray(list(label_index), dtype=np.int64)
+    labels = labels[labels >= 0]
+    return np.bincount(labels, minlength=n_classes)[:n_classes].astype(np.float64)
+
+
+def class_weights_from_counts(counts: Sequence[float]) -> np.ndarray:
+    """Inverse-frequency weights normalised to sum 1 (AFTER: ``w_c = (N/n_c) / sum_k N/n_k``).
+
+    A class without any labeled item gets the weight of the rarest class that has one, so that
+    its soft-label vote mass still counts; with no labeled item at all the weights are uniform.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    if not present.any():
+        return np.full(counts.shape, 1.0 / len(counts))
+    inverse = np.zeros_like(counts)
+    inverse[present] = counts[present].sum() / counts[present]
+    inverse[~present] = inverse[present].max()
+    return inverse / inverse.sum()
+
+
+def soft_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy against target distributions ``[B, C]``, optionally class-weighted.
+
+    ``sum_i sum_c w_c q_ic (-log p_ic) / sum_i sum_c w_c q_ic``: with one-hot targets this is
+    exactly ``F.cross_entropy(logits, labels, weight=w)`` (whose mean divides by the summed weights
+    of the targets), and without weights the plain batch mean.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    targets = targets.to(log_probs.dtype)
+    if class_weights is None:
+        return -(targets * log_probs).sum(dim=-1).mean()
+    weighted = targets * class_weights.to(log_probs.device, log_probs.dtype)[None, :]
+    return -(weighted * log_probs).sum() / weighted.sum()
+
+
+def _utt_ids(batch: Batch) -> list[str]:
+    return [str(u) for u in batch["utt_id"]]
+
+
+def batch_targets(
+    batch: Batch, n_classes: int, aggregation: str, *, seed: int = 0, epoch: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets ``[B, C]`` float, labeled-row mask ``[B]``) for one batch.
+
+    ``majority``: one-hot of ``label_index`` (or of the vote distribution's argmax, lowest class
+    on ties, when only ``soft_target`` is present). ``distribution``: ``soft_target`` renormalised
+    (one-hot of ``label_index`` for items without votes). ``sample``: one class drawn from ``soft_target``
+    per utterance, seeded by (seed, epoch, utt_id) so it does not depend on the batch order.
+    """
+    soft = batch.get("soft_target")
+    hard = batch.get("label_index")
+    if soft is None and hard is None:
+        raise ValueError("a training batch needs label_index or soft_target")
+    soft_t = None
+    if soft is not None:
+        soft_t = torch.as_tensor(np.asarray(soft), dtype=torch.float32)
+        if soft_t.ndim != 2 or soft_t.shape[1] != n_classes:
+            raise ValueError(f"soft_target must be [batch, {n_classes}], got {tuple(soft_t.shape)}")
+        soft_t = torch.nan_to_num(soft_t, nan=0.0)
+    if hard is not None:
+        hard_t = torch.as_tensor(np.asarray(hard), dtype=torch.long)
+    else:
+        assert soft_t is not None
+        hard_t = torch.where(soft_t.sum(dim=1) > 0, soft_t.argmax(dim=1), -1)
+    one_hot = F.one_hot(hard_t.clamp(min=0), n_classes).float() * (hard_t >= 0)[:, None]
+    if aggregation == "majority" or soft_t is None:
+        return one_hot, hard_t >= 0
+    vote_mass = soft_t.sum(dim=1, keepdim=True)
+    has_votes = vote_mass > 0
+    labeled = (hard_t >= 0) | has_votes[:, 0]
+    # Votes for classes outside the task were dropped upstream: renormalise what is left.
+    distribution = torch.where(has_votes, soft_t / vote_mass.clamp(min=1e-12), one_hot)
+    if aggregation == "distribution":
+        return distribution, labeled
+    if aggregation != "sample":
+        raise ValueError(f"unknown label_aggregation {aggregation!r}")
+    sampled = torch.zeros_like(distribution)
+    for row, utt_id in enumerate(_utt_ids(batch)):
+        if not bool(labeled[row]):
+            continue
+        probs = distribution[row].double().numpy()
+        rng = np.random.default_rng(derive_seed(seed, epoch, utt_id))
+        sampled[row, int(rng.choice(n_classes, p=probs / probs.sum()))] = 1.0
+    return sampled, labeled
+
+
+# ----------------------------------------------------------------------------- batch plumbing
+def model_inputs(batch: Batch, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The keyword arguments of ``SERClassifier.forward`` for a batch (audio or cached)."""
+    if "cnn_features" in batch:
+        return {
+            "cnn_features": torch.as_tensor(batch["cnn_features"]).to(device, torch.float32),
+            "frame_mask": torch.as_tensor(batch["frame_mask"]).to(device, torch.bool),
+        }
+    inputs = {"input_values": torch.as_tensor(batch["input_values"]).to(device, torch.float32)}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = torch.as_tensor(batch["attention_mask"]).to(device)
+    return inputs
+
+
+@torch.no_grad()
+def build_cnn_cache(
+    model: SERClassifier,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """CNN encoder output per utterance, ``utt_id -> [frames, channels]`` on the CPU.
+
+    Give it full (uncropped) utterances; the output on valid frames does not depend on padding
+    (see ``SERClassifier.encode_cnn``), so any batching gives the same cache.
+    """
+    cache: dict[str, torch.Tensor] = {}
+    model.to(device)
+    for batch in batches:
+        inputs = model_inputs(batch, device)
+        features, frame_mask = model.encode_cnn(
+            inputs["input_values"], inputs.get("attention_mask")
+        )
+        counts = frame_mask.sum(dim=1).tolist()
+        for row, utt_id in enumerate(_utt_ids(batch)):
+            cache[utt_id] = features[row, : counts[row]].to("cpu", dtype).clone()
+    return cache
+
+
+class CachedFeatureBatches:
+    """Batch provider over cached CNN features: ``provider(epoch)`` yields padded batches.
+
+    Order is shuffled per epoch (seeded by ``seed`` and the epoch) when ``shuffle``; with
+    ``crop_frames`` each utterance longer than that is cropped at a random frame, seeded by
+    (seed, epoch, utt_id). Targets come from ``label_index`` / ``soft_target`` keyed by utt_id
+    (the labeled set), not from the cache. The last partial batch is kept.
+    """
+
+    def __init__(
+        self,
+        cache: Mapping[str, torch.Tensor],
+        utt_ids: Sequence[str],
+        *,
+        label_index: Mapping[str, int] | None = None,
+        soft_target: Mapping[str, Sequence[float]] | None = None,
+        batch_size: int = 16,
+        crop_frames: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        missing = [u for u in utt_ids if u not in cache]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} utterances are not in the feature cache, e.g. {missing[:3]}"
+            )
+        self.cache = cache
+        self.utt_ids = [str(u) for u in utt_ids]
+        self.label_index = label_index
+        self.soft_target = soft_target
+        self.batch_size = batch_size
+        self.crop_frames = crop_frames
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.utt_ids) / self.batch_size)
+
+    def __call__(self, epoch: int = 0) -> Iterator[Batch]:
+        order = list(self.utt_ids)
+        if self.shuffle:
+            rng = np.random.default_rng(derive_seed(self.seed, epoch, "order"))
+            order = [order[i] for i in rng.permutation(len(order))]
+        for start in range(0, len(order), self.batch_size):
+            yield self._batch(order[start : start + self.batch_size], epoch)
+
+    def _crop(self, utt_id: str, features: torch.Tensor, epoch: int) -> torch.Tensor:
+        if self.crop_frames is None or features.shape[0] <= self.crop_frames:
+            return features
+        rng = np.random.default_rng(derive_seed(self.seed, epoch, utt_id, "crop"))
+        offset = int(rng.integers(0, features.shape[0] - self.crop_frames + 1))
+        return features[offset : offset + self.crop_frames]
+
+    def _batch(self, utt_ids: list[str], epoch: int) -> Batch:
+        items = [self._crop(u, self.cache[u], epoch) for u in utt_ids]
+        frames = max(item.shape[0] for item in items)
+        features = torch.zeros(len(items), frames, items[0].shape[1], dtype=torch.float32)
+        frame_mask = torch.zeros(len(items), frames, dtype=torch.bool)
+        for row, item in enumerate(items):
+            features[row, : item.shape[0]] = item.float()
+            frame_mask[row, : item.shape[0]] = True
+        batch: Batch = {"cnn_features": features, "frame_mask": frame_mask, "utt_id": utt_ids}
+        if self.label_index is not None:
+            batch["label_index"] = torch.tensor(
+                [int(self.label_index.get(u, -1)) for u in utt_ids], dtype=torch.long
+            )
+        if self.soft_target is not None:
+            batch["soft_target"] = torch.tensor(
+                np.stack([np.asarray(self.soft_target[u], dtype=np.float32) for u in utt_ids])
+            )
+        return batch
+
+
+def crop_frames_for(model: SERClassifier, max_duration_s: float, sampling_rate: int = 16000) -> int:
+    """Frames of CNN output for ``max_duration_s`` seconds of audio."""
+    samples = torch.tensor([int(round(max_duration_s * sampling_rate))])
+    return int(model.frame_lengths(samples)[0])
+
+
+def _cache_with_targets(
+    batches: Iterable[Batch],
+    cache: dict[str, torch.Tensor],
+    model: SERClassifier,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> tuple[list[str], dict[str, int], dict[str, np.ndarray]]:
+    """Fill ``cache`` from ``batches``; return their utt_ids and targets keyed by utt_id."""
+    label_index: dict[str, int] = {}
+    soft_target: dict[str, np.ndarray] = {}
+    order: list[str] = []
+    for batch in batches:
+        cache.update(build_cnn_cache(model, [batch], device=device, dtype=dtype))
+        ids = _utt_ids(batch)
+        order.extend(ids)
+        if batch.get("label_index") is not None:
+            label_index.update(zip(ids, np.asarray(batch["label_index"]).tolist(), strict=True))
+        if batch.get("soft_target") is not None:
+            soft_target.update(
+                zip(ids, np.asarray(batch["soft_target"], dtype=np.float32), strict=True)
+            )
+    return order, label_index, soft_target
+
+
+def make_cached_providers(
+    cfg: FinetuneConfig,
+    model: SERClassifier,
+    train_full_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    *,
+    device: torch.device | str = "cpu",
+    sampling_rate: int = 16000,
+) -> tuple[CachedFeatureBatches, Callable[[], Iterator[Batch]], dict[str, float]]:
+    """Train and validation batch providers for ``finetune`` that serve cached CNN features.
+
+    ``train_full_batches`` must hold the labeled utterances *uncropped* (one pass); training
+    batches of ``cfg.batch_size`` are then shuffled and cropped to ``cfg.max_duration_s`` in frames
+    per epoch. Validation keeps its batching and full length (exact). Targets are taken from the
+    batches. Use it when ``cfg.cache_features`` and ``model.feature_encoder_frozen``.
+    """
+    if not model.feature_encoder_frozen:
+        raise ConfigError(
+            "the CNN feature cache needs a frozen CNN encoder (finetune.freeze_feature_encoder); "
+            "an encoder that trains changes its output every step"
+        )
+    dtype = torch.float16 if cfg.cache_dtype == "float16" else torch.float32
+    tick = time.perf_counter()
+    train_cache: dict[str, torch.Tensor] = {}
+    train_ids, train_labels, train_soft = _cache_with_targets(
+        train_full_batches, train_cache, model, device, dtype
+    )
+    val_cache: dict[str, torch.Tensor] = {}
+    val_batches = list(val_batches)
+    _, val_labels, val_soft = _cache_with_targets(val_batches, val_cache, model, device, dtype)
+    train = CachedFeatureBatches(
+        train_cache,
+        train_ids,
+        label_index=train_labels or None,
+        soft_target=train_soft or None,
+        batch_size=cfg.batch_size,
+        crop_frames=crop_frames_for(model, cfg.max_duration_s, sampling_rate),
+        shuffle=True,
+        seed=cfg.seed,
+    )
+    val_groups = [_utt_ids(b) for b in val_batches]
+
+    def val_provider() -> Iterator[Batch]:
+        for ids in val_groups:
+            provider = CachedFeatureBatches(
+                val_cache,
+                ids,
+                label_index=val_labels or None,
+                soft_target=val_soft or None,
+                batch_size=len(ids),
+                shuffle=False,
+            )
+            yield from provider(0)
+
+    bytes_held = sum(
+        v.numel() * v.element_size() for c in (train_cache, val_cache) for v in c.values()
+    )
+    stats = {
+        "cache_build_s": time.perf_counter() - tick,
+        "cache_mb": bytes_held / 2**20,
+        "train_utterances": float(len(train_ids)),
+        "val_utterances": float(sum(len(ids) for ids in val_groups)),
+    }
+    return train, val_provider, stats
+
+
+# ------------------------------------------------------------------------------- train / eval
+@dataclass
+class EpochRecord:
+    """One epoch of fine-tuning: training loss, validation metrics and wall time."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_ua: float
+    val_wa: float
+    val_macro_f1: float
+    train_s: float
+    val_s: float
+    is_best: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` returns; ``model`` already holds ``best_state_dict`` on return."""
+
+    best_state_dict: dict[str, torch.Tensor]
+    best_epoch: int
+    best_val_ua: float
+    best_val_report: dict[str, Any]
+    history: list[EpochRecord]
+    class_weights: list[float] | None
+    stopped_early: bool
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def train_one_epoch(
+    model: SERClassifier,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    *,
+    n_classes: int,
+    class_weights: torch.Tensor | None,
+    cfg: FinetuneConfig,
+    epoch: int,
+    device: torch.device | str = "cpu",
+) -> float:
+    """One pass over ``batches``; returns the item-weighted mean training loss."""
+    model.train()
+    total, items = 0.0, 0
+    for batch in batches:
+        targets, labeled = batch_targets(
+            batch, n_classes, cfg.label_aggregation, seed=cfg.seed, epoch=epoch
+        )
+        if not bool(labeled.any()):
+            continue
+        inputs = model_inputs(batch, device)
+        logits = model(**inputs)
+        labeled = labeled.to(logits.device)
+        loss = soft_cross_entropy(
+            logits[labeled], targets.to(logits.device)[labeled], class_weights
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
+            )
+        optimizer.step()
+        count = int(labeled.sum())
+        total += float(loss.detach()) * count
+        items += count
+    if items == 0:
+        raise ConfigError(
+            "fine-tuning got no labeled utterance in an epoch: the labeled set is empty "
+            "(check al.budget.initial and the batch provider)"
+        )
+    return total / items
+
+
+@torch.no_grad()
+def evaluate(
+    model: SERClassifier,
+    batches: Iterable[Batch],
+    class_names: Sequence[str],
+    *,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """``metrics.classification_report`` on the labeled items of ``batches`` plus ``loss`` (mean
+    unweighted cross-entropy against the hard labels), in eval mode."""
+    model.eval()
+    n_classes = len(class_names)
+    truths: list[np.ndarray] = []
+    predictions: list[np.ndarray] = []
+    loss_sum = 0.0
+    for batch in batches:
+        targets, labeled = batch_targets(batch, n_classes, "majority")
+        if not bool(labeled.any()):
+            continue
+        logits = model(**model_inputs(batch, device)).float().cpu()
+        logits, labels = logits[labeled], targets[labeled].argmax(dim=1)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        truths.append(labels.numpy())
+        predictions.append(logits.argmax(dim=1).numpy())
+    if not truths:
+        raise ConfigError(
+            "the validation set has no labeled utterance, so no model can be selected; "
+            "give the corpus a validation split (corpus.split.val_fraction > 0)"
+        )
+    y_true, y_pred = np.concatenate(truths), np.concatenate(predictions)
+    report = classification_report(y_true, y_pred, class_names)
+    report["loss"] = loss_sum / len(y_true)
+    return report
+
+
+def _count_classes(train_batches: TrainBatches, n_classes: int) -> np.ndarray:
+    labels: list[int] = []
+    for batch in train_batches(0):
+        targets, labeled = batch_targets(batch, n_classes, "majority")
+        labels.extend(targets[labeled].argmax(dim=1).tolist())
+    return class_counts_from_labels(labels, n_classes)
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    model: SERClassifier,
+    train_batches: TrainBatches,
+    val_batches: ValBatches,
+    class_names: Sequence[str],
+    *,
+    on_epoch_end: Callable[[EpochRecord, SERClassifier], bool | None] | None = None,
+    device: torch.device | str = "cpu",
+    class_counts: Sequence[float] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` on the labeled set and keep the best-validation-UA weights.
+
+    ``train_batches(epoch)`` yields the epoch's (shuffled, cropped) labeled batches;
+    ``val_batches()`` the validation batches. ``class_counts`` are the labeled set's per-class
+    counts for the loss weights; when None they are counted from ``train_batches(0)`` (one extra
+    pass over the provider). ``on_epoch_end(record, model)`` runs after each epoch (report metrics,
+    checkpoint); returning True stops training. The same seed and inputs give the same result.
+    ``model`` may be wrapped in DistributedDataParallel (``best_state_dict`` has no ``module.``
+    prefix); each worker selects on what its own ``val_batches`` gives it, so give every worker
+    the whole validation set to keep the selected epoch identical across workers.
+    """
+    # A DistributedDataParallel wrapper runs the forward passes; weights live in its .module.
+    core: SERClassifier = getattr(model, "module", model)
+    if len(class_names) != core.n_classes:
+        raise ConfigError(
+            f"{len(class_names)} class names for a classifier with {core.n_classes} outputs"
+        )
+    started = time.perf_counter()
+    n_classes = core.n_classes
+    model.to(device)
+    weights_np: np.ndarray | None = None
+    if cfg.class_weighted:
+        counts = (
+            np.asarray(class_counts, dtype=np.float64)
+            if class_counts is not None
+            else _count_classes(train_batches, n_classes)
+        )
+        if counts.shape != (n_classes,):
+            raise ConfigError(f"class_counts must have {n_classes} entries, got {counts.shape}")
+        weights_np = class_weights_from_counts(counts)
+    weights = (
+        torch.tensor(weights_np, dtype=torch.float32, device=device)
+        if weights_np is not None
+        else None
+    )
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    history: list[EpochRecord] = []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_report: dict[str, Any] = {}
+    best_epoch, best_ua, since_best = -1, -math.inf, 0
+    stopped_early = False
+    for epoch in range(cfg.epochs):
+        # Reseed per epoch: dropout and SpecAugment draws then depend on (seed, epoch) only.
+        torch.manual_seed(derive_seed(cfg.seed, epoch, "torch"))
+        tick = time.perf_counter()
+        train_loss = train_one_epoch(
+            model,
+            optimizer,
+            train_batches(epoch),
+            n_classes=n_classes,
+            class_weights=weights,
+            cfg=cfg,
+            epoch=epoch,
+            device=device,
+        )
+        train_s = time.perf_counter() - tick
+        tick = time.perf_counter()
+        report = evaluate(model, val_batches(), class_names, device=device)
+        val_s = time.perf_counter() - tick
+        improved = report["ua"] > best_ua  # ties keep the earlier epoch
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=train_loss,
+            val_loss=report["loss"],
+            val_ua=report["ua"],
+            val_wa=report["wa"],
+            val_macro_f1=report["macro_f1"],
+            train_s=train_s,
+            val_s=val_s,
+            is_best=improved,
+        )
+        history.append(record)
+        if improved:
+            best_ua, best_epoch, since_best, best_report = report["ua"], epoch, 0, report
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()}
+        else:
+            since_best += 1
+        if on_epoch_end is not None and on_epoch_end(record, model):
+            stopped_early = epoch < cfg.epochs - 1
+            break
+        if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
+            stopped_early = epoch < cfg.epochs - 1
+            break
+    assert best_state is not None  # at least one epoch ran and UA > -inf
+    core.load_state_dict(best_state)
+    return FinetuneResult(
+        best_state_dict=best_state,
+        best_epoch=best_epoch,
+        best_val_ua=best_ua,
+        best_val_report=best_report,
+        history=history,
+        class_weights=None if weights_np is None else [float(w) for w in weights_np],
+        stopped_early=stopped_early,
+        timings={
+            "total_s": time.perf_counter() - started,
+            "train_s": sum(r.train_s for r in history),
+            "val_s": sum(r.val_s for r in history),
+            "epochs_run": float(len(history)),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------- benchmark
+def benchmark_finetune_epoch(
+    cfg: FinetuneConfig,
+    model: SERClassifier,
+    batches: Sequence[Batch],
+    *,
+    device: torch.device | str = "cpu",
+    epochs: int = 1,
+    repeats: int = 3,
+    sampling_rate: int = 16000,
+) -> dict[str, float]:
+    """Wall time of a training epoch on ``batches`` with and without the CNN feature cache.
+
+    Both arms start from copies of ``model`` with the CNN encoder frozen (the cache only applies
+    then), train on the same batches in the same order, and run in this one call, interleaved
+    ``repeats`` times; each arm reports its fastest repeat (the least disturbed by other load on
+    the machine). The cached arm's time excludes building the cache, reported apart as
+    ``cache_build_s``; ``amortised_speedup`` includes it over ``epochs`` epochs. Audio decoding
+    and resampling, which the cache also saves in a real run, are outside both arms.
+    """
+    n_classes = model.n_classes
+    uncached = copy.deepcopy(model).to(device)
+    uncached.freeze_feature_encoder()
+    cached = copy.deepcopy(model).to(device)
+    cached.freeze_feature_encoder()
+
+    tick = time.perf_counter()
+    cache = build_cnn_cache(cached, batches, device=device)
+    results: dict[str, float] = {"cache_build_s": time.perf_counter() - tick}
+    cached_batches = []
+    for batch in batches:
+        ids = _utt_ids(batch)
+        provider = CachedFeatureBatches(cache, ids, batch_size=len(ids), shuffle=False)
+        cached_batch = next(iter(provider(0)))
+        for key in ("label_index", "soft_target"):
+            if key in batch:
+                cached_batch[key] = batch[key]
+        cached_batches.append(cached_batch)
+
+    arms = {
+        "uncached": (uncached, list(batches)),
+        "cached": (cached, cached_batches),
+    }
+    optimizers = {
+        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr)
+        for name, (m, _) in arms.items()
+    }
+    fastest = dict.fromkeys(arms, math.inf)
+    for repeat in range(max(1, repeats)):
+        for name, (arm_model, arm_batches) in arms.items():
+            torch.manual_seed(derive_seed(cfg.seed, repeat))
+            tick = time.perf_counter()
+            for epoch in range(epochs):
+                train_one_epoch(
+                    arm_model,
+                    optimizers[name],
+                    arm_batches,
+                    n_classes=n_classes,
+                    class_weights=None,
+                    cfg=cfg,
+                    epoch=epoch,
+                    device=device,
+                )
+            fastest[name] = min(fastest[name], (time.perf_counter() - tick) / epochs)
+    results["uncached_epoch_s"] = fastest["uncached"]
+    results["cached_epoch_s"] = fastest["cached"]
+    results["speedup"] = results["uncached_epoch_s"] / results["cached_epoch_s"]
+    results["amortised_speedup"] = (epochs * results["uncached_epoch_s"]) / (
+        results["cache_build_s"] + epochs * results["cached_epoch_s"]
+    )
+    results["epochs"] = float(epochs)
+    results["utterances"] = float(sum(len(_utt_ids(b)) for b in batches))
+    samples = 0.0
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        values = (
+            mask if mask is not None else torch.ones_like(torch.as_tensor(batch["input_values"]))
+        )
+        samples += float(torch.as_tensor(values).sum())
+    results["audio_s"] = samples / sampling_rate
+    return results
