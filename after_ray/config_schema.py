@@ -23,8 +23,9 @@ def build(cls: type, data: Any, *, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data`` (a mapping), raising ConfigError listing all problems."""
     problems: list[str] = []
     obj = _build_dataclass(cls, data, prefix, problems)
-    if not problems:
-        _collect_validation(obj, prefix, problems)
+    # Value rules run even when some keys were rejected, so every problem is reported at once
+    # (a rejected key keeps its default, which its section's rules accept).
+    _collect_validation(obj, prefix, problems)
     if problems:
         raise ConfigError(format_problems(problems))
     return obj
@@ -56,7 +57,7 @@ def _build_dataclass(cls: type, data: Any, prefix: str, problems: list[str]) -> 
                 f"{_key(prefix, str(key))}: unknown key{suggestion}; valid keys here: {valid}"
             )
     kwargs: dict[str, Any] = {}
-    for name, field in fields.items():
+    for name in fields:
         if name not in data:
             continue
         value = _convert(hints[name], data[name], _key(prefix, name), problems)
@@ -80,13 +81,11 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         non_none = [a for a in args if a is not type(None)]
-        errors: list[str] = []
         for option in non_none:
             trial: list[str] = []
             converted = _convert(option, value, key, trial)
             if not trial:
                 return converted
-            errors.extend(trial)
         expected = " or ".join(_type_name(a) for a in args)
         problems.append(f"{key}: expected {expected}, got {_describe(value)}")
         return _MISSING
