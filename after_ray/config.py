@@ -287,6 +287,9 @@ class RayConfig:
     scoring_batch_size: int = 16
     # Restarts of a Train worker group after a worker failure.
     max_failures: int = 1
+    # A Train worker whose share of the audio is below this is decoded once and kept in memory
+    # (per-epoch crops cut in process); above it, each epoch streams through Ray Data.
+    in_memory_audio_max_hours: float = 2.0
     # Local Ray only: object store size (MiB). None = Ray's default (30% of RAM).
     object_store_memory_mb: int | None = None
     num_cpus: int | None = None

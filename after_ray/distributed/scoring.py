@@ -1,0 +1,231 @@
+"""Scoring a pool with a classifier checkpoint on a Ray Data actor pool, with a score cache.
+
+For every utterance: class probabilities, the pooled embedding, the penultimate features (what
+BADGE needs: gradient embeddings are never materialised) and T Monte-Carlo-dropout probability
+samples (BALD). Long utterances are scored in chunks and averaged per ``utt_id``.
+
+Results are written as Parquet shards under ``<cache_root>/<key>/`` where the key hashes the
+checkpoint's weights, the MC settings and the audio settings, so scoring the same checkpoint
+again (a resumed run, a second strategy over the same model) is read from the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from after_ray.audio import AudioConfig
+
+log = logging.getLogger(__name__)
+
+DONE = "_DONE.json"
+ARRAY_KEYS = ("probs", "embedding", "penultimate", "mc_probs")
+
+
+@dataclass
+class PoolScores:
+    """Per-utterance scores, rows in ``utt_ids`` order (sorted)."""
+
+    utt_ids: np.ndarray
+    probs: np.ndarray
+    embedding: np.ndarray
+    penultimate: np.ndarray
+    mc_probs: np.ndarray
+
+    def take(self, utt_ids) -> PoolScores:
+        index = {u: i for i, u in enumerate(self.utt_ids)}
+        missing = [u for u in utt_ids if u not in index]
+        if missing:
+            raise KeyError(f"{len(missing)} utterances were not scored, e.g. {missing[:3]}")
+        rows = np.array([index[u] for u in utt_ids], dtype=np.int64)
+        return PoolScores(
+            np.asarray(list(utt_ids), dtype=object),
+            self.probs[rows],
+            self.embedding[rows],
+            self.penultimate[rows],
+            self.mc_probs[rows],
+        )
+
+
+class ScoringActor:
+    """``map_batches`` callable class: loads the checkpoint once per actor."""
+
+    def __init__(self, model_dir: str, mc_samples: int, seed: int, torch_threads: int = 1):
+        import torch
+
+        from after_ray.models.classifier_io import load_classifier
+
+        torch.set_num_threads(max(1, torch_threads))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, _ = load_classifier(model_dir, device=device)
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from after_ray.distributed.audio_data import PadCollate
+        from after_ray.training.scoring import score_batch
+
+        padded = PadCollate()(batch)
+        out = score_batch(
+            self.model, padded, mc_samples=self.mc_samples, seed=self.seed, device=self.device
+        )
+        n = len(out["utt_id"])
+        return {
+            "utt_id": np.asarray(out["utt_id"], dtype=object),
+            "chunk_index": np.asarray(batch["chunk_index"], dtype=np.int64),
+            "length": np.asarray(batch["length"], dtype=np.int64),
+            # Flattened so every block has the same simple schema.
+            **{key: out[key].reshape(n, -1).astype(np.float32) for key in ARRAY_KEYS},
+            "mc_shape": np.tile(np.asarray(out["mc_probs"].shape[1:], dtype=np.int64), (n, 1)),
+        }
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(model_dir: str | os.PathLike, mc_samples: int, seed: int, audio: AudioConfig) -> str:
+    from after_ray.models.classifier_io import WEIGHTS
+
+    payload = {
+        "weights": _file_digest(Path(model_dir) / WEIGHTS),
+        "mc_samples": mc_samples,
+        "seed": seed,
+        "audio": asdict(audio),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _read_cache(cache_dir: Path, wanted: set[str]) -> PoolScores | None:
+    done = cache_dir / DONE
+    if not done.is_file():
+        return None
+    table = pq.read_table(cache_dir / "scores.parquet")
+    ids = set(table.column("utt_id").to_pylist())
+    if not wanted <= ids:
+        return None
+    return _to_pool_scores(table)
+
+
+def _to_pool_scores(table: pa.Table) -> PoolScores:
+    table = table.sort_by("utt_id")
+    cols = {k: np.asarray(table.column(k).to_pylist(), dtype=np.float32) for k in ARRAY_KEYS}
+    mc_shape = table.column("mc_shape").to_pylist()
+    n = table.num_rows
+    t, c = (int(mc_shape[0][0]), int(mc_shape[0][1])) if n else (0, 0)
+    return PoolScores(
+        utt_ids=np.asarray(table.column("utt_id").to_pylist(), dtype=object),
+        probs=cols["probs"],
+        embedding=cols["embedding"],
+        penultimate=cols["penultimate"],
+        mc_probs=cols["mc_probs"].reshape(n, t, c),
+    )
+
+
+def score_rows(
+    rows: list[dict[str, Any]],
+    model_dir: str | os.PathLike,
+    *,
+    audio: AudioConfig,
+    ray_cfg,
+    mc_samples: int,
+    seed: int,
+    cache_root: str | os.PathLike,
+) -> PoolScores:
+    """Score ``rows`` (utt_id, path) with the classifier in ``model_dir`` (cached)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from after_ray.distributed.audio_data import audio_dataset
+    from after_ray.training.scoring import average_chunks
+
+    wanted = {r["utt_id"] for r in rows}
+    cache_dir = Path(cache_root) / cache_key(model_dir, mc_samples, seed, audio)
+    cached = _read_cache(cache_dir, wanted)
+    if cached is not None:
+        log.info("scores for %d utterances read from cache %s", len(wanted), cache_dir)
+        return cached.take(sorted(wanted))
+
+    ds = audio_dataset(
+        [{"utt_id": r["utt_id"], "path": r["path"]} for r in rows], audio, mode="score"
+    )
+    scored = ds.map_batches(
+        ScoringActor,
+        fn_constructor_kwargs={
+            "model_dir": str(model_dir),
+            "mc_samples": mc_samples,
+            "seed": seed,
+            "torch_threads": max(1, ray_cfg.cpus_per_worker),
+        },
+        batch_size=ray_cfg.scoring_batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=ray_cfg.scoring_actors),
+        num_gpus=1 if ray_cfg.use_gpu else 0,
+        num_cpus=ray_cfg.cpus_per_worker,
+    )
+    ctx = ray.data.DataContext.get_current()
+    saved = copy.deepcopy(ctx.execution_options)
+    ctx.execution_options.preserve_order = True  # the same batches on every run: reproducible MC
+    try:
+        chunks: dict[str, list] = {k: [] for k in ("utt_id", "length", *ARRAY_KEYS, "mc_shape")}
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for key in chunks:
+                chunks[key].extend(list(batch[key]))
+    finally:
+        ctx.execution_options = saved
+    if not chunks["utt_id"]:
+        raise RuntimeError("scoring produced no rows: every file failed to decode")
+    mc_shape = tuple(int(v) for v in chunks["mc_shape"][0])
+    flat = {
+        "utt_id": np.asarray(chunks["utt_id"], dtype=object),
+        "lengths": np.asarray(chunks["length"], dtype=np.int64),
+        "probs": np.stack(chunks["probs"]),
+        "embedding": np.stack(chunks["embedding"]),
+        "penultimate": np.stack(chunks["penultimate"]),
+        "mc_probs": np.stack(chunks["mc_probs"]).reshape(-1, *mc_shape),
+    }
+    merged = average_chunks(flat)
+    n = len(merged["utt_id"])
+    table = pa.table(
+        {
+            "utt_id": pa.array([str(u) for u in merged["utt_id"]]),
+            **{
+                k: pa.array(list(np.asarray(merged[k]).reshape(n, -1)), type=pa.list_(pa.float32()))
+                for k in ARRAY_KEYS
+            },
+            "mc_shape": pa.array([list(mc_shape)] * n, type=pa.list_(pa.int64())),
+        }
+    )
+    _write_cache(cache_dir, table)
+    return _to_pool_scores(table).take(sorted(wanted & set(table.column("utt_id").to_pylist())))
+
+
+def _write_cache(cache_dir: Path, table: pa.Table) -> None:
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+    try:
+        pq.write_table(table, staging / "scores.parquet")
+        (staging / DONE).write_text(json.dumps({"rows": table.num_rows}))
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(staging, cache_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

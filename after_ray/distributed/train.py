@@ -1,0 +1,413 @@
+"""TAPT and fine-tuning on Ray Train (``TorchTrainer``, DDP across workers, CPU or GPU).
+
+The per-worker loops are thin: they rebuild the settings from plain dicts, build the model, feed
+the torch-only loops of ``after_ray.training`` with batches streamed by Ray Data, and report
+checkpoints with ``ray.train.report``. Everything a resumed worker needs comes back through
+``ray.train.get_checkpoint()``; rerunning with the same ``RunConfig(name, storage_path)`` resumes
+a killed run (Ray Train V2's rule), and ``FailureConfig(max_failures)`` restarts a worker group
+that lost a worker.
+
+Data: each worker streams its share of the manifest rows (``rows[rank::world]``) through a Ray
+Data pipeline it builds per epoch (``audio_dataset(..., epoch=e)``), rather than one dataset
+passed to the trainer: a per-epoch pipeline gives fresh training crops every epoch that are
+still a pure function of (seed, epoch, utt_id), which is what makes a resumed run equal an
+uninterrupted one. Decoding still streams block by block under Ray Data's backpressure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from after_ray.audio import AudioConfig
+from after_ray.distributed.worker_audio import worker_audio
+from after_ray.models.settings import BackboneConfig, TaptConfig
+from after_ray.training.finetune_settings import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+TAPT_STATE = "tapt_state.pt"
+HF_MARKER = "config.json"
+FINETUNE_RESULT = "finetune_result.json"
+
+
+# ------------------------------------------------------------------------------ trainer plumbing
+def scaling_config(ray_cfg) -> ScalingConfig:
+    """Workers from ``ray.num_workers`` (0 = run the loop in the driver: Ray Train local mode)."""
+    resources: dict[str, float] = {"CPU": ray_cfg.cpus_per_worker}
+    if ray_cfg.use_gpu:
+        resources["GPU"] = ray_cfg.gpus_per_worker
+    return ScalingConfig(
+        num_workers=ray_cfg.num_workers,
+        use_gpu=ray_cfg.use_gpu,
+        resources_per_worker=resources if ray_cfg.num_workers > 0 else None,
+    )
+
+
+def run_config(name: str, storage_path: str | os.PathLike, ray_cfg) -> RunConfig:
+    return RunConfig(
+        name=name,
+        storage_path=str(storage_path),
+        failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+
+
+def _fit(loop, loop_config: dict, *, name: str, storage_path, ray_cfg):
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(ray_cfg),
+        run_config=run_config(name, storage_path, ray_cfg),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def _rank_world() -> tuple[int, int]:
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def _device():
+    import torch
+
+    try:
+        return ray.train.torch.get_device()
+    except Exception:  # noqa: BLE001 - local mode without a process group
+        return torch.device("cpu")
+
+
+def _wrap_ddp(model, world: int):
+    if world <= 1:
+        return model
+    return ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+
+
+class CheckpointWriter:
+    """Writes each reported checkpoint to a persistent directory first.
+
+    Ray Train copies a reported checkpoint to ``storage_path``, and a restarted run gets it back
+    from ``ray.train.get_checkpoint()``. Local mode (``num_workers=0``, the loop runs in the
+    driver) persists nothing, so the same files are kept under ``root`` (the last two), and
+    ``latest()`` finds them when the driver is restarted.
+    """
+
+    def __init__(self, root: str | os.PathLike, rank: int, keep: int = 2):
+        self.root = Path(root)
+        self.rank = rank
+        self.keep = keep
+
+    def _complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+
+    def latest(self) -> Path | None:
+        done = self._complete()
+        return done[-1] if done else None
+
+    def report(self, metrics: dict, files: dict[str, Any] | None) -> None:
+        """All ranks call this (``ray.train.report`` is a barrier); rank 0 writes the files."""
+        checkpoint = None
+        if self.rank == 0 and files is not None:
+            done = self._complete()
+            seq = int(done[-1].name) + 1 if done else 0
+            final = self.root / f"{seq:06d}"
+            partial = self.root / f"{seq:06d}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            for name, writer in files.items():
+                writer(partial / name)
+            os.replace(partial, final)
+            checkpoint = Checkpoint.from_directory(str(final))
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if self.rank == 0:
+            for old in self._complete()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def resume_dir(writer: CheckpointWriter):
+    """The checkpoint to resume from: Ray's (after a restart) or the local one, else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            yield Path(ckpt_dir)
+        return
+    yield writer.latest()
+
+
+# ------------------------------------------------------------------------------------ TAPT
+def tapt_worker_loop(loop_config: dict) -> dict:
+    """``train_loop_per_worker`` for TAPT (see module docstring)."""
+    import torch
+
+    from after_ray.models.backbones import load_backbone
+    from after_ray.training.tapt import (
+        load_tapt_state,
+        save_tapt_result,
+        save_tapt_state,
+        tapt_loop,
+    )
+
+    tapt_cfg = TaptConfig(**loop_config["tapt"])
+    backbone_cfg = BackboneConfig(**loop_config["backbone"])
+    audio_cfg = AudioConfig(**loop_config["audio"])
+    rank, world = _rank_world()
+    torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
+
+    writer = CheckpointWriter(loop_config["local_checkpoint_dir"], rank)
+    start_state = None
+    with resume_dir(writer) as ckpt_dir:
+        if ckpt_dir is not None and (ckpt_dir / "model" / HF_MARKER).is_file():
+            # The run had already finished: report the final model again.
+            writer.report(
+                {"step": tapt_cfg.steps, "final": 1}, {"model": _copier(ckpt_dir, "model")}
+            )
+            return {"resumed_finished": True}
+        if ckpt_dir is not None:
+            start_state = load_tapt_state(ckpt_dir / TAPT_STATE)
+
+    device = _device()
+    model = load_backbone(backbone_cfg, for_pretraining=True).to(device)
+    model = _wrap_ddp(model, world)
+    audio = worker_audio(
+        loop_config["rows"][rank::world], audio_cfg, max_hours=loop_config["in_memory_max_hours"]
+    )
+
+    def batches(epoch: int):
+        return audio.train_batches(
+            seed=tapt_cfg.seed + 7919 * rank, epoch=epoch, batch_size=tapt_cfg.batch_size
+        )
+
+    def on_checkpoint(step: int, state: dict) -> None:
+        loss = state.get("loss_history", [float("nan")])
+        metrics = {"step": step, "loss": float(loss[-1]) if loss else float("nan")}
+        writer.report(metrics, {TAPT_STATE: lambda path: save_tapt_state(state, path)})
+
+    def on_metrics(metrics: dict) -> None:
+        if rank == 0:
+            log.info(
+                "tapt %s",
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+            )
+
+    summary = tapt_loop(
+        tapt_cfg,
+        model,
+        batches,
+        start_state=start_state,
+        on_checkpoint=on_checkpoint,
+        on_metrics=on_metrics,
+        device=device,
+        rank=rank,
+    )
+    sampling_rate = audio_cfg.sample_rate
+    writer.report(
+        {"step": summary["steps"], "final": 1},
+        {"model": lambda path: save_tapt_result(model, path, sampling_rate=sampling_rate)},
+    )
+    return {
+        "steps": summary["steps"],
+        "loss_history": summary["loss_history"],
+        "seconds": summary["seconds"],
+    }
+
+
+def _copier(src_dir, name):
+    def write(path: Path) -> None:
+        shutil.copytree(Path(src_dir) / name, path)
+
+    return write
+
+
+def run_tapt(
+    *,
+    rows: list[dict],
+    tapt: TaptConfig,
+    backbone: BackboneConfig,
+    audio: AudioConfig,
+    ray_cfg,
+    storage_path: str | os.PathLike,
+    name: str,
+    out_dir: str | os.PathLike,
+) -> dict:
+    """TAPT over ``rows`` (utt_id + path) on Ray Train; the backbone is written to ``out_dir``.
+
+    Re-running with the same ``name``/``storage_path`` after a crash resumes from the last
+    checkpoint. Returns the rank-0 summary (steps, loss history, seconds).
+    """
+    loop_config = {
+        "tapt": dataclasses.asdict(tapt),
+        "backbone": dataclasses.asdict(backbone),
+        "audio": dataclasses.asdict(audio),
+        "rows": [{k: r.get(k) for k in ("utt_id", "path", "duration_s")} for r in rows],
+        "torch_threads": ray_cfg.cpus_per_worker,
+        "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
+        "local_checkpoint_dir": str(Path(storage_path) / name / "local_checkpoints"),
+    }
+    result = _fit(
+        tapt_worker_loop, loop_config, name=name, storage_path=storage_path, ray_cfg=ray_cfg
+    )
+    with result.checkpoint.as_directory() as ckpt_dir:
+        _install(Path(ckpt_dir) / "model", Path(out_dir))
+    return result.return_value or {}
+
+
+def _install(src: Path, dst: Path) -> None:
+    """Copy a directory into place atomically (staging copy + rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    shutil.rmtree(staging)
+    shutil.copytree(src, staging)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(staging, dst)
+
+
+# ------------------------------------------------------------------------------- fine-tuning
+def finetune_worker_loop(loop_config: dict) -> dict:
+    """``train_loop_per_worker`` for one fine-tuning run on the labeled set."""
+    import torch
+
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier_io import load_classifier, save_classifier
+    from after_ray.training.finetune import build_classifier, finetune
+
+    ft_cfg = FinetuneConfig(**loop_config["finetune"])
+    audio_cfg = AudioConfig(**loop_config["audio"])
+    class_names = list(loop_config["class_names"])
+    label_to_index = {c: i for i, c in enumerate(class_names)}
+    rank, world = _rank_world()
+    torch.set_num_threads(max(1, int(loop_config.get("torch_threads", 1))))
+    device = _device()
+
+    writer = CheckpointWriter(loop_config["local_checkpoint_dir"], rank)
+    with resume_dir(writer) as ckpt_dir:
+        if ckpt_dir is not None and (ckpt_dir / FINETUNE_RESULT).is_file():
+            # The run finished before the driver died: hand back the same result.
+            summary = json.loads((ckpt_dir / FINETUNE_RESULT).read_text())
+            writer.report(
+                {"best_val_ua": summary["best_val_ua"]},
+                {
+                    "model": _copier(ckpt_dir, "model"),
+                    FINETUNE_RESULT: lambda p: p.write_text(json.dumps(summary)),
+                },
+            )
+            return summary
+
+    torch.manual_seed(ft_cfg.seed)
+    if loop_config.get("warm_start_dir"):
+        model, _ = load_classifier(loop_config["warm_start_dir"])
+        model.train()
+    else:
+        backbone = load_backbone(BackboneConfig(**loop_config["backbone"]), for_pretraining=False)
+        model = build_classifier(backbone, len(class_names), ft_cfg)
+    model.to(device)
+    model = _wrap_ddp(model, world)
+    max_hours = loop_config["in_memory_max_hours"]
+    train_audio = worker_audio(
+        loop_config["train_rows"][rank::world],
+        audio_cfg,
+        label_to_index=label_to_index,
+        max_hours=max_hours,
+    )
+    # Every worker validates on all of the validation set, so all select the same best epoch.
+    val_audio = worker_audio(
+        loop_config["val_rows"], audio_cfg, label_to_index=label_to_index, max_hours=max_hours
+    )
+
+    def train_batches(epoch: int):
+        return train_audio.train_batches(
+            seed=ft_cfg.seed + 7919 * rank, epoch=epoch, batch_size=ft_cfg.batch_size
+        )
+
+    def val_batches():
+        return val_audio.eval_batches(batch_size=ft_cfg.batch_size)
+
+    counts = [0.0] * len(class_names)
+    for row in loop_config["train_rows"]:
+        counts[label_to_index[row["label"]]] += 1.0
+    result = finetune(
+        ft_cfg, model, train_batches, val_batches, class_names, device=device, class_counts=counts
+    )
+    core = getattr(model, "module", model)
+    summary = {
+        "best_epoch": result.best_epoch,
+        "best_val_ua": result.best_val_ua,
+        "best_val_report": result.best_val_report,
+        "history": [dataclasses.asdict(r) for r in result.history],
+        "class_weights": result.class_weights,
+        "stopped_early": result.stopped_early,
+        "timings": result.timings,
+        "n_train": len(loop_config["train_rows"]),
+    }
+    writer.report(
+        {"best_val_ua": result.best_val_ua},
+        {
+            "model": lambda path: save_classifier(
+                core,
+                path,
+                class_names=class_names,
+                finetune_cfg=ft_cfg,
+                state_dict=result.best_state_dict,
+            ),
+            FINETUNE_RESULT: lambda path: path.write_text(json.dumps(summary, default=float)),
+        },
+    )
+    return summary
+
+
+def run_finetune(
+    *,
+    train_rows: list[dict],
+    val_rows: list[dict],
+    class_names: list[str],
+    finetune_cfg: FinetuneConfig,
+    backbone: BackboneConfig,
+    audio: AudioConfig,
+    ray_cfg,
+    storage_path: str | os.PathLike,
+    name: str,
+    out_dir: str | os.PathLike,
+    warm_start_dir: str | os.PathLike | None = None,
+) -> dict:
+    """Fine-tune on ``train_rows`` (utt_id, path, label[, votes]) with model selection on
+    ``val_rows``; the best classifier is written to ``out_dir``. Returns the training summary."""
+    keep = ("utt_id", "path", "label", "votes", "duration_s")
+    loop_config = {
+        "finetune": dataclasses.asdict(finetune_cfg),
+        "backbone": dataclasses.asdict(backbone),
+        "audio": dataclasses.asdict(audio),
+        "class_names": list(class_names),
+        "train_rows": [{k: r.get(k) for k in keep} for r in train_rows],
+        "val_rows": [{k: r.get(k) for k in keep} for r in val_rows],
+        "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
+        "torch_threads": ray_cfg.cpus_per_worker,
+        "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
+        "local_checkpoint_dir": str(Path(storage_path) / name / "local_checkpoints"),
+    }
+    result = _fit(
+        finetune_worker_loop, loop_config, name=name, storage_path=storage_path, ray_cfg=ray_cfg
+    )
+    with result.checkpoint.as_directory() as ckpt_dir:
+        summary = json.loads((Path(ckpt_dir) / FINETUNE_RESULT).read_text())
+        _install(Path(ckpt_dir) / "model", Path(out_dir))
+    return summary
