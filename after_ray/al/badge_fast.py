@@ -1,0 +1,265 @@
+"""BADGE k-means++ seeding on gradient embeddings that are never materialised.
+
+BADGE (Ash et al., ICLR 2020) embeds item ``i`` as ``g_i = a_i (x) h_i`` with ``a_i = p_i -
+onehot(argmax p_i)`` (``C`` values) and ``h_i`` the penultimate activations (``H`` values), and
+picks a batch by k-means++ seeding on the ``g_i``. The ``C*H`` vectors are never formed here:
+
+    ||g_i||^2       = ||a_i||^2 ||h_i||^2
+    ||g_i - g_j||^2 = ||g_i||^2 + ||g_j||^2 - 2 (a_i . a_j)(h_i . h_j)
+
+The seeding rule (what :func:`badge_kmeanspp` returns; :func:`badge_kmeanspp_explicit`
+reproduces it on materialised ``g`` for small inputs)
+---------------------------------------------------------------------------------------
+``U`` = candidate positions in increasing order (all rows when ``candidates`` is None),
+``argmax p_i`` takes the first maximum, all arithmetic is float64.
+
+1. The first center is the candidate with the largest ``||g_i||^2`` (tie: lowest position).
+2. ``D2(i) = min over chosen centers c of ||g_i - g_c||^2`` (a chosen center has ``D2 = 0``);
+   a distance below ``1e-12 * (||g_i||^2 + ||g_c||^2)`` counts as 0 (duplicates must give exactly
+   0, and the factorised formula is only accurate to about 1e-16 of that scale).
+3. Every further center is a D2-weighted draw made with an *exponential race*, which samples
+   exactly ``P(i) = D2(i) / sum D2``: ``rng = np.random.default_rng(seed)`` is created once; for
+   each pick after the first, ``u = rng.random(len(U))`` (one float64 per candidate, in the
+   order of ``U``, picked or not) and the pick is ``argmin over U of -log(u_i) / D2(i)``
+   (``D2 = 0`` or ``u = 0`` gives ``+inf``; tie: lowest position). If every key is ``+inf``
+   (all remaining candidates coincide with a center), the pick is the lowest-position candidate
+   not yet chosen.
+4. ``k`` larger than ``|U|`` returns all of ``U``.
+
+Why a race instead of ``rng.random()`` against a cumulative sum: the race lets almost every
+``D2`` stay stale. ``D2`` only decreases, so a stale value is an upper bound and
+``(1 - u_i) / D2_stale(i)`` is a lower bound of the key (``-log u >= 1 - u``); only the few
+candidates whose lower bound can beat the best key are brought up to date (against the centers
+they have not seen) and get their exact key. A pick costs one pass of cheap float64 vector
+operations over ``U`` (draw, subtract, divide, argmin) instead of a pass over ``N x H``
+activations. Memory: ``O(N (C + 4))`` float64 plus one ``chunk_rows x H`` chunk; nothing is
+``O(N C H)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["BadgeStats", "badge_kmeanspp", "badge_kmeanspp_explicit", "gradient_embedding"]
+
+
+_ZERO_REL = 1e-12  # distances below this fraction of ||g_i||^2 + ||g_c||^2 are exact zeros
+
+
+class BadgeStats:
+    """Work counters (refreshed rows, exact keys) for the benchmark."""
+
+    def __init__(self) -> None:
+        self.picks = 0
+        self.refreshed_rows = 0
+        self.refresh_pairs = 0
+        self.exact_keys = 0
+        self.setup_s = 0.0  # norms and the pass against the first center
+        self.picks_s = 0.0
+
+
+def _residual(probs: np.ndarray) -> np.ndarray:
+    """a = p - onehot(argmax p) in float64 (first maximum on ties)."""
+    a = np.asarray(probs, dtype=np.float64).copy()
+    a[np.arange(len(a)), a.argmax(axis=1)] -= 1.0
+    return a
+
+
+def _check_inputs(probs, penultimate, candidates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = np.asarray(probs)
+    h = np.asarray(penultimate)
+    if p.ndim != 2 or h.ndim != 2 or len(p) != len(h):
+        raise ValueError(
+            f"probs [N, C] and penultimate [N, H] must share N; got {p.shape}, {h.shape}"
+        )
+    n = len(p)
+    if candidates is None:
+        cand = np.arange(n)
+    else:
+        mask = np.asarray(candidates, dtype=bool)
+        if mask.shape != (n,):
+            raise ValueError(f"candidates mask has shape {mask.shape}, expected ({n},)")
+        cand = np.flatnonzero(mask)
+    return p, h, cand
+
+
+def badge_kmeanspp(
+    probs: np.ndarray,
+    penultimate: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    candidates: np.ndarray | None = None,
+    chunk_rows: int = 8192,
+    stats: BadgeStats | None = None,
+) -> np.ndarray:
+    """BADGE seeding (positions in pick order) by the rule in the module docstring."""
+    p, h, cand = _check_inputs(probs, penultimate, candidates)
+    m = len(cand)
+    k = min(int(k), m)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    st = stats if stats is not None else BadgeStats()
+    t_start = time.perf_counter()
+    full = m == len(p)
+
+    def h_rows(idx: np.ndarray) -> np.ndarray:
+        return np.asarray(h[cand[idx]], dtype=np.float64)
+
+    a = _residual(p if full else p[cand])  # [m, C]
+    hn = np.empty(m, dtype=np.float64)
+    for s in range(0, m, chunk_rows):
+        blk = np.asarray(h[s : s + chunk_rows] if full else h[cand[s : s + chunk_rows]], np.float64)
+        hn[s : s + len(blk)] = np.einsum("ij,ij->i", blk, blk)
+    gn = np.einsum("ij,ij->i", a, a) * hn  # ||g||^2
+
+    # Centers as factors: a (C), h (H, float64), ||g||^2.
+    c_a = np.empty((k, a.shape[1]), dtype=np.float64)
+    c_h = np.empty((k, h.shape[1]), dtype=np.float64)
+    c_g = np.empty(k, dtype=np.float64)
+    picks = np.empty(k, dtype=np.int64)
+    chosen = np.zeros(m, dtype=bool)
+
+    def add_center(j: int, i: int) -> None:
+        picks[j] = cand[i]
+        chosen[i] = True
+        c_a[j] = a[i]
+        c_h[j] = h_rows(np.array([i]))[0]
+        c_g[j] = gn[i]
+
+    first = int(np.argmax(gn))
+    add_center(0, first)
+    # Exact D2 to the first center: one pass over the activations.
+    d2 = np.empty(m, dtype=np.float64)
+    aa0 = a @ c_a[0]
+    for s in range(0, m, chunk_rows):
+        e = min(m, s + chunk_rows)
+        blk = np.asarray(h[s:e] if full else h[cand[s:e]], np.float64)
+        d2[s:e] = gn[s:e] + c_g[0] - 2.0 * aa0[s:e] * (blk @ c_h[0])
+    d2[d2 < _ZERO_REL * (gn + c_g[0])] = 0.0
+    d2[first] = 0.0
+    ep = np.ones(m, dtype=np.int32)  # centers already folded into d2
+    st.picks = 1
+
+    def refresh(idx: np.ndarray, j: int) -> None:
+        """Exact d2 for rows idx against centers ep[idx]..j-1."""
+        stale = idx[ep[idx] < j]
+        if not len(stale):
+            return
+        lo = int(ep[stale].min())
+        rows = h_rows(stale)
+        dist = (rows @ c_h[lo:j].T) * (a[stale] @ c_a[lo:j].T)
+        dist *= -2.0
+        scale = gn[stale][:, None] + c_g[lo:j][None, :]
+        dist += scale
+        dist[dist < _ZERO_REL * scale] = 0.0
+        best = dist.min(axis=1)
+        d2[stale] = np.minimum(d2[stale], best)
+        ep[stale] = j
+        st.refreshed_rows += len(stale)
+        st.refresh_pairs += dist.size
+
+    rng = np.random.default_rng(seed)
+    t_loop = time.perf_counter()
+    st.setup_s = t_loop - t_start
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j in range(1, k):
+            u = rng.random(m)
+            # lb <= -log(u) / d2_exact because -log(u) >= 1 - u and d2 >= d2_exact; chosen rows
+            # (d2 == 0) and exact duplicates of centers get +inf.
+            lb = np.subtract(1.0, u)
+            np.divide(lb, d2, out=lb)
+            while True:
+                i = int(np.argmin(lb))
+                if not np.isfinite(lb[i]):
+                    # Every candidate left has d2 == 0 (stale values are upper bounds).
+                    i = int(np.argmin(chosen))
+                    break
+                refresh(np.array([i]), j)
+                key_i = -np.log(u[i]) / d2[i] if d2[i] > 0 else np.inf
+                lb[i] = key_i
+                if not np.isfinite(key_i):
+                    continue  # it coincides with a center; look again
+                rivals = np.flatnonzero(lb <= key_i)  # sorted; includes i
+                if len(rivals) == 1:
+                    break
+                refresh(rivals, j)
+                keys = -np.log(u[rivals]) / d2[rivals]
+                keys[d2[rivals] <= 0] = np.inf
+                lb[rivals] = keys
+                st.exact_keys += len(rivals)
+                w = int(np.argmin(keys))  # ties: the lowest position, as in the reference
+                i = int(rivals[w])  # keys[w] <= key_i is finite
+                break
+            add_center(j, i)
+            d2[i] = 0.0
+            ep[i] = j + 1
+            st.picks += 1
+    st.picks_s = time.perf_counter() - t_loop
+    return picks
+
+
+def gradient_embedding(probs: np.ndarray, penultimate: np.ndarray) -> np.ndarray:
+    """The explicit ``[N, C*H]`` float64 BADGE embedding (small inputs and tests only)."""
+    a = _residual(probs)
+    h = np.asarray(penultimate, dtype=np.float64)
+    return (a[:, :, None] * h[:, None, :]).reshape(len(a), -1)
+
+
+def badge_kmeanspp_explicit(
+    probs: np.ndarray,
+    penultimate: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    candidates: np.ndarray | None = None,
+    g: np.ndarray | None = None,
+    method: str = "float64",
+) -> np.ndarray:
+    """Reference: the same rule on materialised gradient embeddings, O(N C H) memory and time
+    per pick. ``g`` may be passed precomputed (float32 or float64).
+
+    ``method="float64"`` (tests): distances as float64 sums of squared differences, the rule
+    exactly. ``method="gemv"`` (the benchmark's speed baseline, how explicit BADGE code computes
+    them): ``|g|^2 + |g_c|^2 - 2 g.g_c`` in float32 with one matrix-vector product per pick; it
+    may resolve float32 near-ties differently.
+    """
+    if method not in ("float64", "gemv"):
+        raise ValueError(f"method must be 'float64' or 'gemv', got {method!r}")
+    p, h, cand = _check_inputs(probs, penultimate, candidates)
+    m = len(cand)
+    k = min(int(k), m)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if g is None:
+        g = gradient_embedding(p[cand], h[cand])
+    gn = np.einsum("ij,ij->i", g, g, dtype=np.float64)
+    first = int(np.argmax(gn))
+    picks = [first]
+    chosen = np.zeros(m, dtype=bool)
+    chosen[first] = True
+    gn32 = gn.astype(np.float32)
+
+    def dist_to(c: int) -> np.ndarray:
+        if method == "gemv":
+            out = (gn32 + gn32[c] - 2.0 * (g @ g[c])).astype(np.float64)
+        else:
+            diff = g - g[c]
+            out = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
+        out[out < _ZERO_REL * (gn + gn[c])] = 0.0
+        return out
+
+    d2 = dist_to(first)
+    rng = np.random.default_rng(seed)
+    with np.errstate(divide="ignore"):
+        for _ in range(1, k):
+            u = rng.random(m)
+            keys = -np.log(u) / d2
+            keys[(d2 <= 0) | chosen] = np.inf
+            i = int(np.argmin(keys)) if np.isfinite(keys.min()) else int(np.argmin(chosen))
+            picks.append(i)
+            chosen[i] = True
+            np.minimum(d2, dist_to(i), out=d2)
+    return cand[np.asarray(picks, dtype=np.int64)]
