@@ -1,0 +1,11 @@
+"""Ray job: a Ray Tune sweep over strategies and budgets, one AL run per trial.
+
+ray job submit --working-dir . -- python jobs/sweep.py --config configs/iemocap.yaml [KEY=VALUE ...]
+
+On a cluster see docs/cluster.md (address, token, run.output_dir on shared storage).
+"""
+
+from _entry import run
+
+if __name__ == "__main__":
+    raise SystemExit(run("sweep"))
