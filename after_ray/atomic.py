@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from after_ray.errors import RunStateError
+from after_ray.faults import failpoint
 
 TEMP_NAME = re.compile(r"^\..+\.tmp-\d+(-[0-9a-f]+)?$")
 
@@ -84,6 +85,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: st
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        failpoint("state_write")  # crash tests: die between the temp file and the rename
         os.replace(tmp, path)
     except BaseException as exc:
         # BaseException too: a KeyboardInterrupt mid-write must not leave a temp file behind.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +53,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from after_ray.demo import run_demo
 
     run_demo(_load(args))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from after_ray.runner import run_active_learning
+
+    outcome = run_active_learning(_load(args))
+    if outcome.waiting_for_labels is not None:
+        print(f"waiting for labels of round {outcome.waiting_for_labels} (see above)")
+    else:
+        print(f"run finished: {outcome.run_dir}")
+    return 0
+
+
+def cmd_tapt(args: argparse.Namespace) -> int:
+    from after_ray.runner import run_tapt_only
+
+    print(f"TAPT backbone: {run_tapt_only(_load(args))}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from after_ray.runner import run_full_data
+
+    outcome = run_full_data(_load(args))
+    print(f"full-data fine-tune finished: {outcome.run_dir}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from after_ray.runner import score_with_model
+
+    path = score_with_model(_load(args), args.model, split=args.split)
+    print(f"scores: {path}")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from after_ray.human import export_pending, import_answers
+
+    if args.action == "export":
+        for path in export_pending(Path(args.run_dir), round_index=args.round):
+            print(path)
+        return 0
+    if not args.file:
+        raise AfterRayError(
+            "label import needs the answers file: after-ray label import RUN_DIR FILE"
+        )
+    written = import_answers(Path(args.run_dir), Path(args.file), round_index=args.round)
+    print(f"imported {len(written)} labels into {args.run_dir}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from after_ray.al.state import check_run_dir
+
+    problems = check_run_dir(Path(args.run_dir))
+    if not problems:
+        print(f"{args.run_dir}: consistent")
+        return 0
+    for problem in problems:
+        print(f"- {problem}")
+    return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from after_ray.report import discover_run_dirs, write_report
+
+    run_dirs = discover_run_dirs([Path(d) for d in args.run_dirs])
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report"
+    path = write_report(
+        run_dirs, out, title=args.title, reference_dirs=[Path(d) for d in args.reference]
+    )
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from after_ray.runner import export_round_model
+
+    path = export_round_model(Path(args.run_dir), args.out, round_index=args.round)
+    print(f"Hugging Face audio-classification model: {path}")
     return 0
 
 
@@ -115,19 +196,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("prepare", cmd_prepare, "corpus -> checked manifest + quarantine table")
     _add_config_args(p)
 
+    p = command("run", cmd_run, "run (or resume) the AFTER active-learning loop")
+    _add_config_args(p)
+
+    p = command("tapt", cmd_tapt, "task-adaptive pre-training of the backbone on the pool")
+    _add_config_args(p)
+
+    p = command("finetune", cmd_finetune, "fine-tune on the whole labeled pool (the reference)")
+    _add_config_args(p)
+
+    p = command("score", cmd_score, "score a split with a classifier checkpoint (cached)")
+    p.add_argument("--model", required=True, help="a classifier directory (rounds/round_NNN/model)")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"])
+    _add_config_args(p)
+
+    p = command("label", cmd_label, "human oracle: export a round's batch, import the answers")
+    p.add_argument("action", choices=["export", "import"])
+    p.add_argument("run_dir")
+    p.add_argument("file", nargs="?", help="import: the filled CSV or a Label Studio JSON export")
+    p.add_argument("--round", type=int, default=None, help="default: the round waiting for labels")
+
+    p = command("check", cmd_check, "check a run directory's consistency (exit 1 on problems)")
+    p.add_argument("run_dir")
+
+    p = command("report", cmd_report, "Markdown report with learning curves for run directories")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--reference", nargs="*", default=[], help="full-data run dirs (reference line)")
+    p.add_argument("--out", help="output directory (default: <parent>/report)")
+    p.add_argument("--title", help="report title")
+
+    p = command("export", cmd_export, "export a round's model as a Hugging Face directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--round", type=int, default=None, help="default: the last trained round")
+
     p = command("config", cmd_config, "print the resolved configuration")
     _add_config_args(p)
 
     p = command("bench", cmd_bench, "benchmarks: our code against a baseline in the same run")
     p.add_argument("what", choices=["audio", "select", "finetune"])
-    p.add_argument("--n-files", type=int, default=200, help="audio: total files (alternating over the rates)")
+    p.add_argument(
+        "--n-files", type=int, default=200, help="audio: total files (alternating over the rates)"
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="audio: seconds per file")
     p.add_argument("--n", type=int, default=1_000_000, help="select: pool size")
     p.add_argument("--d", type=int, default=768, help="select: embedding dimension")
     p.add_argument("--k", type=int, default=10_000, help="select: picks")
-    p.add_argument(
-        "--strategy", default="coreset", choices=["coreset", "badge", "cluster-margin"]
-    )
+    p.add_argument("--strategy", default="coreset", choices=["coreset", "badge", "cluster-margin"])
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--data", default="random", choices=["random", "clustered"])
     p.add_argument("--naive-picks", type=int, default=20)
@@ -143,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from after_ray.distributed.session import quiet_environment
+
+    quiet_environment()
     try:
         return int(args.func(args) or 0)
     except AfterRayError as exc:

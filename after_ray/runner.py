@@ -31,6 +31,7 @@ from after_ray.al.strategies import get_strategy
 from after_ray.atomic import atomic_write_json, atomic_write_text
 from after_ray.config import Config
 from after_ray.errors import RunStateError
+from after_ray.faults import failpoint
 from after_ray.metrics import classification_report
 
 log = logging.getLogger(__name__)
@@ -170,11 +171,11 @@ def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names
     return path
 
 
-def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_index):
+def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_index, stage=None):
     from after_ray.distributed.scoring import score_rows
 
     _ray(config)
-    with state.timed(f"score_{tag}", round_index):
+    with state.timed(stage or f"score_{tag}", round_index):
         return score_rows(
             rows,
             model_dir,
@@ -231,6 +232,7 @@ def _select(
         ranked = strategy.select(
             view, min(want, view.n_unlabeled), seed=_seed(config.run.seed, round_index, name)
         )
+    failpoint(f"select:{round_index}")
     chosen = budget.take(
         ranked, target=target, spent=spent, durations=durations, votes_per_item=votes
     )
@@ -412,7 +414,9 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
                     scores = None
                     if get_strategy(config.al.cold_start).requires:
                         embed_dir = _embed_model(config, state, backbone_dir, class_names)
-                        scores = _score(config, state, embed_dir, pool_rows, "pool", 0)
+                        scores = _score(
+                            config, state, embed_dir, pool_rows, "pool", 0, stage="embed"
+                        )
                 else:
                     scores = _score(config, state, previous_model, pool_rows, "pool", round_index)
                 chosen = _select(config, state, round_index, target, pool_rows, scores, durations)
@@ -477,3 +481,54 @@ def full_data_config(config: Config) -> Config:
 
 def run_full_data(config: Config) -> RunOutcome:
     return run_active_learning(full_data_config(config), kind="full_data")
+
+
+# ------------------------------------------------------------------- single stages for the CLI
+def _open_prepared(config: Config, state: RunState):
+    state.ensure_experiment(_identity(config, "al"))
+    atomic_write_text(config.run_dir / "config.yaml", config.to_yaml())
+    stage_prepare(config, state)
+    table = manifest.read_manifest(config.run_dir / "manifest.parquet")
+    return table, table.to_pylist()
+
+
+def run_tapt_only(config: Config) -> str:
+    """Prepare (if needed) and run TAPT; returns the pre-trained backbone's directory."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunState.open(config.run_dir) as state:
+        _, rows = _open_prepared(config, state)
+        return stage_tapt(config, state, [r for r in rows if r["split"] == "train"])
+
+
+def score_with_model(config: Config, model_dir: str, *, split: str = "train") -> Path:
+    """Score a split of the run's manifest with a classifier directory; returns the cache dir."""
+    from after_ray.distributed.scoring import cache_key
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunState.open(config.run_dir) as state:
+        _, rows = _open_prepared(config, state)
+        chosen = [r for r in rows if r["split"] == split]
+        scores = _score(config, state, model_dir, chosen, split, None)
+    print(f"scored {len(scores.utt_ids)} utterances of split {split!r}")
+    key = cache_key(model_dir, config.al.mc_dropout_samples, config.run.seed, config.audio)
+    return config.run_dir / "scores" / split / key
+
+
+def export_round_model(run_dir: Path, out_dir: str, *, round_index: int | None = None) -> Path:
+    """A round's classifier as a Hugging Face audio-classification directory."""
+    from after_ray.al.state import list_rounds
+    from after_ray.export import export_hf
+    from after_ray.models.classifier_io import load_classifier
+
+    rounds = [
+        r
+        for r in list_rounds(run_dir)
+        if (run_dir / "rounds" / f"round_{r:03d}" / "model" / "classifier.json").is_file()
+    ]
+    if not rounds:
+        raise RunStateError(f"{run_dir} has no trained round yet: run `after-ray run` first")
+    chosen = rounds[-1] if round_index is None else round_index
+    if chosen not in rounds:
+        raise RunStateError(f"round {chosen} of {run_dir} has no model; trained rounds: {rounds}")
+    model, class_names = load_classifier(run_dir / "rounds" / f"round_{chosen:03d}" / "model")
+    return export_hf(model, class_names, out_dir)

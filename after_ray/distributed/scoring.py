@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from after_ray.audio import AudioConfig
+from after_ray.faults import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ def score_rows(
         "penultimate": np.stack(chunks["penultimate"]),
         "mc_probs": np.stack(chunks["mc_probs"]).reshape(-1, *mc_shape),
     }
+    failpoint("score")
     merged = average_chunks(flat)
     n = len(merged["utt_id"])
     table = pa.table(

@@ -7,6 +7,21 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Quiet defaults for the driver and every Ray worker: no per-load tables and progress bars from
+# transformers / Hugging Face Hub / Ray Data in the middle of the pipeline's own progress lines.
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def quiet_environment() -> None:
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def ensure_ray(ray_cfg=None) -> None:
     """Join the configured cluster, the cluster a job was submitted to, or start a local Ray.
@@ -22,7 +37,8 @@ def ensure_ray(ray_cfg=None) -> None:
 
     if ray.is_initialized():
         return
-    quiet = {"log_to_driver": True}
+    quiet_environment()
+    quiet = {"log_to_driver": True, "runtime_env": {"env_vars": dict(QUIET_ENV)}}
     address = getattr(ray_cfg, "address", None) if ray_cfg is not None else None
     if address:
         ray.init(address=address, **quiet)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from ray.train.torch import TorchTrainer
 
 from after_ray.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
+from after_ray.faults import failpoint
 from after_ray.models.settings import BackboneConfig, TaptConfig
 from after_ray.training.finetune_settings import FinetuneConfig
 
@@ -63,6 +65,19 @@ def run_config(name: str, storage_path: str | os.PathLike, ray_cfg) -> RunConfig
         failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
+
+
+def local_checkpoint_dir(storage_path: str | os.PathLike, name: str) -> Path:
+    """Where rank 0 writes checkpoints before reporting them (see ``CheckpointWriter``).
+
+    Next to Ray's own run folder for a local storage path; in the machine's temp dir when the
+    storage is an object store URI (Ray uploads the reported copy there).
+    """
+    text = str(storage_path)
+    if "://" in text:
+        digest = hashlib.sha256(f"{text}/{name}".encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / "after-ray-checkpoints" / f"{name}-{digest}"
+    return Path(text) / name / "local_checkpoints"
 
 
 def _fit(loop, loop_config: dict, *, name: str, storage_path, ray_cfg):
@@ -201,6 +216,7 @@ def tapt_worker_loop(loop_config: dict) -> dict:
         loss = state.get("loss_history", [float("nan")])
         metrics = {"step": step, "loss": float(loss[-1]) if loss else float("nan")}
         writer.report(metrics, {TAPT_STATE: lambda path: save_tapt_state(state, path)})
+        failpoint("tapt_checkpoint")
 
     def on_metrics(metrics: dict) -> None:
         if rank == 0:
@@ -261,7 +277,7 @@ def run_tapt(
         "rows": [{k: r.get(k) for k in ("utt_id", "path", "duration_s")} for r in rows],
         "torch_threads": ray_cfg.cpus_per_worker,
         "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
-        "local_checkpoint_dir": str(Path(storage_path) / name / "local_checkpoints"),
+        "local_checkpoint_dir": str(local_checkpoint_dir(storage_path, name)),
     }
     result = _fit(
         tapt_worker_loop, loop_config, name=name, storage_path=storage_path, ray_cfg=ray_cfg
@@ -289,7 +305,7 @@ def finetune_worker_loop(loop_config: dict) -> dict:
 
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import load_classifier, save_classifier
-    from after_ray.training.finetune import build_classifier, finetune
+    from after_ray.training.finetune import build_classifier, finetune, make_cached_providers
 
     ft_cfg = FinetuneConfig(**loop_config["finetune"])
     audio_cfg = AudioConfig(**loop_config["audio"])
@@ -342,13 +358,34 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     def val_batches():
         return val_audio.eval_batches(batch_size=ft_cfg.batch_size)
 
+    core = getattr(model, "module", model)
+    if ft_cfg.cache_features and core.feature_encoder_frozen:
+        # A frozen CNN encoder gives the same features every epoch: compute them once per
+        # utterance and train the rest of the model on the cache.
+        train_batches, val_provider, cache_stats = make_cached_providers(
+            ft_cfg,
+            core,
+            train_audio.eval_batches(batch_size=ft_cfg.batch_size),
+            val_batches(),
+            device=device,
+            sampling_rate=audio_cfg.sample_rate,
+        )
+        val_batches = val_provider  # noqa: F811 - the cached provider replaces the audio one
+        log.info("fine-tune: CNN feature cache %s", cache_stats)
+
     counts = [0.0] * len(class_names)
     for row in loop_config["train_rows"]:
         counts[label_to_index[row["label"]]] += 1.0
     result = finetune(
-        ft_cfg, model, train_batches, val_batches, class_names, device=device, class_counts=counts
+        ft_cfg,
+        model,
+        train_batches,
+        val_batches,
+        class_names,
+        device=device,
+        class_counts=counts,
+        on_epoch_end=lambda record, _model: failpoint("finetune_epoch"),
     )
-    core = getattr(model, "module", model)
     summary = {
         "best_epoch": result.best_epoch,
         "best_val_ua": result.best_val_ua,
@@ -402,7 +439,7 @@ def run_finetune(
         "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
         "torch_threads": ray_cfg.cpus_per_worker,
         "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
-        "local_checkpoint_dir": str(Path(storage_path) / name / "local_checkpoints"),
+        "local_checkpoint_dir": str(local_checkpoint_dir(storage_path, name)),
     }
     result = _fit(
         finetune_worker_loop, loop_config, name=name, storage_path=storage_path, ray_cfg=ray_cfg
