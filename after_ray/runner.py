@@ -417,8 +417,10 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
                         scores = _score(
                             config, state, embed_dir, pool_rows, "pool", 0, stage="embed"
                         )
-                else:
+                elif get_strategy(config.al.strategy, **config.al.strategy_params).requires:
                     scores = _score(config, state, previous_model, pool_rows, "pool", round_index)
+                else:
+                    scores = None  # e.g. random selection: no model outputs needed
                 chosen = _select(config, state, round_index, target, pool_rows, scores, durations)
                 print(
                     f"round {round_index}: selected {len(chosen)} utterances "

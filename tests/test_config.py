@@ -30,7 +30,10 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
 
 def test_yaml_then_overrides(tmp_path):
     path = write(tmp_path, "al:\n  budget:\n    max_total: 0.3\nrun:\n  seed: 4\n")
-    config = load_config(path, ["al.budget.max_total=0.25", "tapt.steps=12", "al.strategy=entropy"])
+    config = load_config(
+        path,
+        ["al.budget.max_total=0.25", "tapt.steps=12", "tapt.warmup_steps=2", "al.strategy=entropy"],
+    )
     assert config.al.budget.max_total == 0.25
     assert config.run.seed == 4
     assert config.tapt.steps == 12
@@ -40,13 +43,22 @@ def test_yaml_then_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["al.budget.max_totl=0.2"], "al.budget.max_totl: unknown key (did you mean 'al.budget.max_total'?)"),
-        (["al.budget.max_total=1.5"], "al.budget.max_total: a fraction of the pool must be at most 1"),
+        (
+            ["al.budget.max_totl=0.2"],
+            "al.budget.max_totl: unknown key (did you mean 'al.budget.max_total'?)",
+        ),
+        (
+            ["al.budget.max_total=1.5"],
+            "al.budget.max_total: a fraction of the pool must be at most 1",
+        ),
         (["al.budget.initial=-0.1"], "al.budget.initial: must be positive"),
         (["tapt.steps=many"], "tapt.steps: expected an integer"),
         (["ray.use_gpu=maybe"], "ray.use_gpu: expected true or false"),
         (["corpus.split.method=random"], "corpus.split.method: must be one of"),
-        (["corpus.name=iemocap", "corpus.root=/no/such/dir"], "corpus.root: directory '/no/such/dir' does not exist"),
+        (
+            ["corpus.name=iemocap", "corpus.root=/no/such/dir"],
+            "corpus.root: directory '/no/such/dir' does not exist",
+        ),
         (["corpus.name=iemocap"], "corpus.root: required for corpus 'iemocap'"),
         (["nonsense"], "expected KEY=VALUE"),
     ],
