@@ -15,13 +15,16 @@ can be found and removed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
 import secrets
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -152,3 +155,29 @@ def atomic_write_parquet(table: Any, path: str | Path, *, what: str | None = Non
     import pyarrow.parquet as pq
 
     return _atomic_write(path, lambda handle: pq.write_table(table, handle), what)
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Build a directory next to ``out_dir``, then swap it into place in one rename.
+
+    Yields an empty staging directory in the same parent; when the block succeeds it replaces
+    ``out_dir`` (a previous version is moved aside first and removed after the swap), and when
+    the block fails the staging directory is removed. A crash therefore never leaves a
+    half-written checkpoint where a complete one was.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        if out.exists():
+            previous = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(previous)
+            staging.rename(out)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

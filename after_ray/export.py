@@ -31,12 +31,12 @@ import torch
 from transformers import (
     HubertForSequenceClassification,
     PreTrainedModel,
-    Wav2Vec2FeatureExtractor,
     Wav2Vec2ForSequenceClassification,
     WavLMForSequenceClassification,
 )
 
 from after_ray.errors import ConfigError
+from after_ray.models.backbones import feature_extractor_for
 from after_ray.models.classifier import SERClassifier
 
 _CLASSES: dict[str, tuple[type[PreTrainedModel], str]] = {
@@ -107,14 +107,7 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     hf_model = to_hf_model(model, class_names)
     hf_model.save_pretrained(out, safe_serialization=True)
-    feature_extractor = Wav2Vec2FeatureExtractor(
-        feature_size=1,
-        sampling_rate=sampling_rate,
-        padding_value=0.0,
-        do_normalize=True,
-        return_attention_mask=True,
-    )
-    feature_extractor.save_pretrained(out)
+    feature_extractor_for(sampling_rate).save_pretrained(out)
     (out / "after_ray_export.json").write_text(
         json.dumps(
             {

@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from after_ray.atomic import staged_directory
 from after_ray.audio import AudioConfig
 from after_ray.faults import failpoint
 
@@ -220,14 +219,6 @@ def score_rows(
 
 
 def _write_cache(cache_dir: Path, table: pa.Table) -> None:
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
-    try:
+    with staged_directory(cache_dir) as staging:
         pq.write_table(table, staging / "scores.parquet")
         (staging / DONE).write_text(json.dumps({"rows": table.num_rows}))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(staging, cache_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

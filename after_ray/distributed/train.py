@@ -32,6 +32,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from after_ray.atomic import staged_directory
 from after_ray.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
 from after_ray.faults import failpoint
@@ -288,14 +289,9 @@ def run_tapt(
 
 
 def _install(src: Path, dst: Path) -> None:
-    """Copy a directory into place atomically (staging copy + rename)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.rmtree(staging)
-    shutil.copytree(src, staging)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(staging, dst)
+    """Copy a reported checkpoint's directory into place atomically."""
+    with staged_directory(dst) as staging:
+        shutil.copytree(src, staging, dirs_exist_ok=True)
 
 
 # ------------------------------------------------------------------------------- fine-tuning

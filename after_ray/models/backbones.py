@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from transformers import (
     WavLMModel,
 )
 
+from after_ray.atomic import staged_directory
 from after_ray.errors import ConfigError
 from after_ray.models.settings import BackboneConfig
 
@@ -376,6 +375,18 @@ def preset_parameter_count(name: str, *, for_pretraining: bool = True) -> int:
     return count_parameters(model)
 
 
+def feature_extractor_for(sampling_rate: int = DEFAULT_SAMPLING_RATE) -> Wav2Vec2FeatureExtractor:
+    """The feature extractor matching our audio pipeline: per-utterance normalisation and an
+    attention mask, so Hugging Face pipelines feed a model what it was trained on."""
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=sampling_rate,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=True,
+    )
+
+
 def save_backbone(
     model: torch.nn.Module,
     out_dir: str | os.PathLike,
@@ -389,26 +400,7 @@ def save_backbone(
     leaves a half-written checkpoint where a good one was.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         unwrap(model).save_pretrained(str(staging))
-        feature_extractor = Wav2Vec2FeatureExtractor(
-            feature_size=1,
-            sampling_rate=sampling_rate,
-            padding_value=0.0,
-            do_normalize=True,
-            return_attention_mask=True,
-        )
-        feature_extractor.save_pretrained(str(staging))
-        if out.exists():
-            previous = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(previous)
-            staging.rename(out)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        feature_extractor_for(sampling_rate).save_pretrained(str(staging))
     return out

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from after_ray.atomic import staged_directory
 from after_ray.errors import RunStateError
 from after_ray.models.backbones import load_backbone, save_backbone
 from after_ray.models.classifier import SERClassifier
@@ -40,9 +39,7 @@ def save_classifier(
 ) -> Path:
     """Write the classifier to ``out_dir`` atomically (staging directory + rename)."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         save_backbone(model.backbone, staging / "backbone")
         weights = state_dict if state_dict is not None else model.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, staging / WEIGHTS)
@@ -57,12 +54,6 @@ def save_classifier(
             **(extra or {}),
         }
         (staging / META).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
