@@ -19,6 +19,7 @@ import yaml
 
 from after_ray.al.state import RunState, check_run_dir
 from after_ray.config import load_config
+from after_ray.manifest import read_manifest
 from after_ray.runner import run_active_learning
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,7 +73,9 @@ def corpus_root(tmp_path_factory):
     s = TINY["corpus"]["synth"]
     root = tmp_path_factory.mktemp("corpus") / "synth"
     return synthesize_corpus(
-        root, n_speakers=s["n_speakers"], utterances_per_emotion=s["utterances_per_emotion"],
+        root,
+        n_speakers=s["n_speakers"],
+        utterances_per_emotion=s["utterances_per_emotion"],
         seed=s["seed"],
     )
 
@@ -115,11 +118,77 @@ def test_killed_three_times_then_resumed_equals_uninterrupted(reference, corpus_
     command = [sys.executable, "-m", "after_ray", "run", "--config", str(config_file)]
     for point in ("finetune_epoch@2", "select:1", "state_write@3"):
         proc = subprocess.run(
-            command, env={**env, "AFTER_RAY_FAILPOINT": point}, cwd=REPO,
-            capture_output=True, text=True, timeout=400,
+            command,
+            env={**env, "AFTER_RAY_FAILPOINT": point},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
         )
         assert proc.returncode == -9, (point, proc.returncode, proc.stderr[-3000:])
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert outcome(run_dir) == outcome(reference)
     assert check_run_dir(run_dir) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_human_oracle_round_trip_through_the_cli(ray_session, corpus_root, tmp_path, capsys):
+    """The run stops for labels; a bad answers file is rejected whole; a good one continues."""
+    import csv
+
+    from after_ray.cli import main
+
+    data = json.loads(json.dumps(TINY))
+    data["run"].update(output_dir=str(tmp_path / "runs"), name="human")
+    data["corpus"]["root"] = str(corpus_root)
+    data["al"].update(cold_start="random", strategy="entropy", oracle={"kind": "human"})
+    data["al"]["budget"].update(max_total=0.5)
+    data["tapt"]["enabled"] = False
+    data["finetune"]["epochs"] = 1
+    config_file = tmp_path / "human.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "runs" / "human"
+
+    assert main(["run", "--config", str(config_file)]) == 0
+    assert "need labels" in capsys.readouterr().out
+    sheet = run_dir / "labeling" / "round_000_to_label.csv"
+    rows = list(csv.DictReader(sheet.open()))
+    assert len(rows) == 12 and all(r["label"] == "" for r in rows)
+    assert (run_dir / "labeling" / "round_000_label_studio_tasks.json").is_file()
+
+    manifest_rows = read_manifest(run_dir / "manifest.parquet").to_pylist()
+    truth = {r["utt_id"]: r["label"] for r in manifest_rows}
+    labels_file = run_dir / "labels.jsonl"
+    before = labels_file.read_bytes() if labels_file.exists() else b""
+
+    bad = tmp_path / "bad.csv"
+    with bad.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["utt_id", "path", "duration_s", "label"])
+        for i, r in enumerate(rows):
+            writer.writerow(
+                [r["utt_id"], r["path"], r["duration_s"], "bored" if i == 0 else truth[r["utt_id"]]]
+            )
+        writer.writerow(["synth/not-selected", "", "", "sad"])
+    assert main(["label", "import", str(run_dir), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bored" in err and "synth/not-selected" in err
+    assert (labels_file.read_bytes() if labels_file.exists() else b"") == before
+
+    good = tmp_path / "good.csv"
+    with good.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["utt_id", "path", "duration_s", "label"])
+        for r in rows:
+            writer.writerow([r["utt_id"], r["path"], r["duration_s"], truth[r["utt_id"]]])
+    assert main(["label", "import", str(run_dir), str(good)]) == 0
+    assert main(["run", "--config", str(config_file)]) == 0  # trains round 0, selects round 1
+    assert (run_dir / "rounds" / "round_000" / "metrics.json").is_file()
+    assert (run_dir / "labeling" / "round_001_to_label.csv").is_file()
+    with RunState.open(run_dir) as state:
+        assert {u: e["label"] for u, e in state.labels().items()} == {
+            r["utt_id"]: truth[r["utt_id"]] for r in rows
+        }
+        assert all(e["source"] == "human" for e in state.labels().values())
