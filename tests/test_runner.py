@@ -143,7 +143,10 @@ def test_human_oracle_round_trip_through_the_cli(ray_session, corpus_root, tmp_p
     data = json.loads(json.dumps(TINY))
     data["run"].update(output_dir=str(tmp_path / "runs"), name="human")
     data["corpus"]["root"] = str(corpus_root)
-    data["al"].update(cold_start="random", strategy="entropy", oracle={"kind": "human"})
+    # No MC-dropout samples: entropy needs none (and this covers scoring without them).
+    data["al"].update(
+        cold_start="random", strategy="entropy", oracle={"kind": "human"}, mc_dropout_samples=0
+    )
     data["al"]["budget"].update(max_total=0.5)
     data["tapt"]["enabled"] = False
     data["finetune"]["epochs"] = 1

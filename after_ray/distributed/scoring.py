@@ -178,7 +178,9 @@ def score_rows(
         batch_format="numpy",
         compute=ActorPoolStrategy(size=ray_cfg.scoring_actors),
         num_gpus=1 if ray_cfg.use_gpu else 0,
-        num_cpus=ray_cfg.cpus_per_worker,
+        # One CPU reserved per actor (torch still uses cpus_per_worker threads): reserving all of
+        # them would leave none for the decode tasks feeding the actors, and the stream would hang.
+        num_cpus=1,
     )
     ctx = ray.data.DataContext.get_current()
     saved = copy.deepcopy(ctx.execution_options)
@@ -199,7 +201,7 @@ def score_rows(
         "probs": np.stack(chunks["probs"]),
         "embedding": np.stack(chunks["embedding"]),
         "penultimate": np.stack(chunks["penultimate"]),
-        "mc_probs": np.stack(chunks["mc_probs"]).reshape(-1, *mc_shape),
+        "mc_probs": np.stack(chunks["mc_probs"]).reshape(len(chunks["utt_id"]), *mc_shape),
     }
     failpoint("score")
     merged = average_chunks(flat)
