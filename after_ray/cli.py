@@ -160,7 +160,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "finetune":
         from after_ray.bench_finetune import run_finetune_benchmark
 
-        run_finetune_benchmark(_load(args))
+        run_finetune_benchmark(
+            _load(args), utterances=args.utterances, presets=tuple(args.backbones.split(","))
+        )
         return 0
     raise AfterRayError(f"unknown benchmark {args.what!r}")
 
@@ -246,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--data", default="random", choices=["random", "clustered"])
     p.add_argument("--naive-picks", type=int, default=20)
+    p.add_argument("--utterances", type=int, default=96, help="finetune: utterances per epoch")
+    p.add_argument("--backbones", default="tiny,base", help="finetune: presets, comma-separated")
     _add_config_args(p)
     return parser
 
