@@ -130,6 +130,29 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """A Ray Tune grid of AL runs (strategies x seeds x any config key), then its report."""
+    from after_ray.distributed.sweep import default_sweep_name, run_sweep, sweep_spec_from_cli
+
+    config = _load(args)
+    spec = sweep_spec_from_cli(
+        args.spec,
+        args.axis,
+        max_concurrent_trials=args.max_concurrent_trials,
+        trial_cpus=args.trial_cpus,
+        trial_gpus=args.trial_gpus,
+    )
+    result = run_sweep(
+        config,
+        spec,
+        name=args.name or default_sweep_name(spec),
+        storage_path=args.storage_path,
+        resume=not args.no_resume,
+    )
+    print("\n".join(result.summary_lines()))
+    return 1 if result.n_errors else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from after_ray.runner import export_round_model
 
@@ -226,6 +249,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="*", default=[], help="full-data run dirs (reference line)")
     p.add_argument("--out", help="output directory (default: <parent>/report)")
     p.add_argument("--title", help="report title")
+
+    p = command("sweep", cmd_sweep, "a Ray Tune grid of AL runs (e.g. strategies x seeds) + report")
+    p.add_argument(
+        "--axis",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a swept config key and its values, e.g. --axis al.strategy=after,random "
+        "--axis run.seed=0,1,2 (repeatable; the grid is every combination)",
+    )
+    p.add_argument(
+        "--spec",
+        help="sweep YAML: axes: {KEY: [values]}, and optionally max_concurrent_trials, "
+        "trial_cpus, trial_gpus, local_training (--axis adds to / replaces its axes)",
+    )
+    p.add_argument(
+        "--name", help="sweep name; runs go to <run.output_dir>/<name>/ (default: sweep-<axes>)"
+    )
+    p.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="default: what the cluster holds without the Tune + Data/Train deadlock",
+    )
+    p.add_argument("--trial-cpus", type=float, default=None, help="CPUs reserved per trial")
+    p.add_argument("--trial-gpus", type=float, default=None, help="GPUs reserved per trial")
+    p.add_argument(
+        "--storage-path",
+        help="Ray Tune storage (default <run.output_dir>/<name>/tune; shared storage such as "
+        "s3://... on a multi-node cluster)",
+    )
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="refuse to continue an existing sweep of this name (default: continue it)",
+    )
+    _add_config_args(p)
 
     p = command("export", cmd_export, "export a round's model as a Hugging Face directory")
     p.add_argument("run_dir")
