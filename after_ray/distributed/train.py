@@ -81,6 +81,17 @@ def local_checkpoint_dir(storage_path: str | os.PathLike, name: str) -> Path:
     return Path(text) / name / "local_checkpoints"
 
 
+def _common_loop_config(backbone, audio, ray_cfg, storage_path, name: str) -> dict:
+    """What every worker loop needs besides its stage's settings (plain data for Ray)."""
+    return {
+        "backbone": dataclasses.asdict(backbone),
+        "audio": dataclasses.asdict(audio),
+        "torch_threads": ray_cfg.cpus_per_worker,
+        "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
+        "local_checkpoint_dir": str(local_checkpoint_dir(storage_path, name)),
+    }
+
+
 def _fit(loop, loop_config: dict, *, name: str, storage_path, ray_cfg):
     trainer = TorchTrainer(
         loop,
@@ -272,13 +283,9 @@ def run_tapt(
     checkpoint. Returns the rank-0 summary (steps, loss history, seconds).
     """
     loop_config = {
+        **_common_loop_config(backbone, audio, ray_cfg, storage_path, name),
         "tapt": dataclasses.asdict(tapt),
-        "backbone": dataclasses.asdict(backbone),
-        "audio": dataclasses.asdict(audio),
         "rows": [{k: r.get(k) for k in ("utt_id", "path", "duration_s")} for r in rows],
-        "torch_threads": ray_cfg.cpus_per_worker,
-        "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
-        "local_checkpoint_dir": str(local_checkpoint_dir(storage_path, name)),
     }
     result = _fit(
         tapt_worker_loop, loop_config, name=name, storage_path=storage_path, ray_cfg=ray_cfg
@@ -426,16 +433,12 @@ def run_finetune(
     ``val_rows``; the best classifier is written to ``out_dir``. Returns the training summary."""
     keep = ("utt_id", "path", "label", "votes", "duration_s")
     loop_config = {
+        **_common_loop_config(backbone, audio, ray_cfg, storage_path, name),
         "finetune": dataclasses.asdict(finetune_cfg),
-        "backbone": dataclasses.asdict(backbone),
-        "audio": dataclasses.asdict(audio),
         "class_names": list(class_names),
         "train_rows": [{k: r.get(k) for k in keep} for r in train_rows],
         "val_rows": [{k: r.get(k) for k in keep} for r in val_rows],
         "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
-        "torch_threads": ray_cfg.cpus_per_worker,
-        "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
-        "local_checkpoint_dir": str(local_checkpoint_dir(storage_path, name)),
     }
     result = _fit(
         finetune_worker_loop, loop_config, name=name, storage_path=storage_path, ray_cfg=ray_cfg
