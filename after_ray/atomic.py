@@ -37,6 +37,7 @@ TEMP_NAME = re.compile(r"^\..+\.tmp-\d+(-[0-9a-f]+)?$")
 _ERRNO_HINTS = {
     errno.ENOSPC: "the disk is full: free some space",
     errno.EDQUOT: "the disk quota is exceeded: free some space",
+    errno.EFBIG: "the file exceeds the size this process may write (see `ulimit -f`)",
     errno.EACCES: "permission denied: make the directory writable for this user",
     errno.EPERM: "operation not permitted: make the directory writable for this user",
     errno.EROFS: "the filesystem is read-only: point the run at a writable directory",
@@ -157,27 +158,54 @@ def atomic_write_parquet(table: Any, path: str | Path, *, what: str | None = Non
     return _atomic_write(path, lambda handle: pq.write_table(table, handle), what)
 
 
+# Writers implemented in Rust (safetensors) report an I/O failure as "... (os error 28)".
+_FOREIGN_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as an OSError when it is one, or a library's wrapper that names the errno."""
+    if isinstance(exc, OSError):
+        return exc
+    match = _FOREIGN_OS_ERROR.search(str(exc)) if isinstance(exc, Exception) else None
+    if match:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 @contextlib.contextmanager
-def staged_directory(out_dir: str | Path) -> Iterator[Path]:
+def staged_directory(out_dir: str | Path, *, what: str | None = None) -> Iterator[Path]:
     """Build a directory next to ``out_dir``, then swap it into place in one rename.
 
     Yields an empty staging directory in the same parent; when the block succeeds it replaces
     ``out_dir`` (a previous version is moved aside first and removed after the swap), and when
     the block fails the staging directory is removed. A crash therefore never leaves a
-    half-written checkpoint where a complete one was.
+    half-written checkpoint where a complete one was. An I/O failure (disk full, ...) in the
+    block or the swap becomes a ``RunStateError`` saying that the previous directory is intact;
+    ``what`` names the content in that message.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging: Path | None = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         yield staging
         if out.exists():
             previous = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(previous)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except BaseException:
+                previous.rename(out)  # put the complete previous version back
+                raise
             shutil.rmtree(previous, ignore_errors=True)
         else:
             staging.rename(out)
+    except BaseException as exc:
+        os_error = _as_os_error(exc)
+        if os_error is not None:
+            raise write_failure(out, what or f"the directory {out.name}", os_error) from exc
+        raise
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -347,6 +347,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+    except (RecursionError, ValueError) as exc:  # absurd nesting, an int of thousands of digits
+        raise ConfigError(f"override {text[:60]!r}...: the value cannot be read ({exc})") from None
     return key.split("."), value
 
 
@@ -378,6 +380,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+    except (RecursionError, ValueError) as exc:  # absurd nesting, an int of thousands of digits
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -17,6 +18,14 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from after_ray.errors import ConfigError
 
 _MISSING = object()
+# Integers must fit the 64-bit types they end up in (numpy seeds, torch, Ray resources); a
+# bigger one is a typo, and failing here beats an OverflowError deep inside a stage.
+_INT_LIMIT = 2**63
+# Free-form values (``options``, ``strategy_params``) are copied into plain trees. YAML aliases
+# can make a document refer to itself (a cycle) or expand exponentially ("billion laughs"):
+# both are refused here instead of hanging or overflowing the stack when the config is printed.
+_MAX_FREE_DEPTH = 32
+_MAX_FREE_NODES = 100_000
 
 
 def build(cls: type, data: Any, *, prefix: str = "") -> Any:
@@ -76,7 +85,7 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build_dataclass(hint, value, key, problems)
     if hint is Any:
-        return value
+        return _free_form(value, key, problems)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -123,17 +132,32 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected true or false, got {_describe(value)}")
         return _MISSING
     if hint is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(f"{key}: expected an integer, got {_describe(value)}")
-        return _MISSING
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if number is None:
+            problems.append(f"{key}: expected an integer, got {_describe(value)}")
+            return _MISSING
+        if not -_INT_LIMIT <= number < _INT_LIMIT:
+            problems.append(f"{key}: {_describe(value)} is too large (must fit in 64 bits)")
+            return _MISSING
+        return number
     if hint is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        problems.append(f"{key}: expected a number, got {_describe(value)}")
-        return _MISSING
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {_describe(value)}")
+            return _MISSING
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            # NaN passes every "<"/">" rule in validate() and inf breaks int(); neither is ever
+            # a meaningful setting.
+            problems.append(f"{key}: expected a finite number, got {_describe(value)}")
+            return _MISSING
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -142,6 +166,41 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: expected a string, got {_describe(value)}")
         return _MISSING
     return value
+
+
+def _free_form(value: Any, key: str, problems: list[str]) -> Any:
+    """A plain copy of a free-form YAML value, or _MISSING (with a problem) when it is cyclic,
+    too deep or too large."""
+    nodes = 0
+    on_path: set[int] = set()
+
+    class _Refused(Exception):
+        pass
+
+    def copy(item: Any, depth: int) -> Any:
+        nonlocal nodes
+        nodes += 1
+        if nodes > _MAX_FREE_NODES:
+            raise _Refused(f"has more than {_MAX_FREE_NODES} values (YAML aliases expanding?)")
+        if not isinstance(item, dict | list | tuple):
+            return item
+        if id(item) in on_path:
+            raise _Refused("refers to itself through a YAML alias")
+        if depth >= _MAX_FREE_DEPTH:
+            raise _Refused(f"is nested deeper than {_MAX_FREE_DEPTH} levels")
+        on_path.add(id(item))
+        try:
+            if isinstance(item, dict):
+                return {k: copy(v, depth + 1) for k, v in item.items()}
+            return [copy(v, depth + 1) for v in item]
+        finally:
+            on_path.discard(id(item))
+
+    try:
+        return copy(value, 0)
+    except _Refused as exc:
+        problems.append(f"{key}: the value {exc}; write it out as plain YAML")
+        return _MISSING
 
 
 def _collect_validation(obj: Any, prefix: str, problems: list[str]) -> None:
@@ -164,7 +223,10 @@ def _type_name(hint: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints beyond str()'s digit limit, deep nesting
+        text = "<too large to show>"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"

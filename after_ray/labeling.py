@@ -284,6 +284,16 @@ def _parse_label_studio(
             "export the project from Label Studio again (Export > JSON)",
         )
         return []
+    except (ValueError, RecursionError) as exc:
+        # Valid JSON syntax that Python refuses: nesting deeper than the recursion limit, or an
+        # integer beyond str->int's digit limit. Neither comes from Label Studio.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        problems.add(
+            "top level",
+            f"cannot be read as Label Studio JSON ({reason})",
+            "export the project from Label Studio again (Export > JSON)",
+        )
+        return []
     if not isinstance(tasks, list):
         problems.add(
             "top level",
@@ -316,7 +326,16 @@ def _parse_label_studio(
             if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
                 continue
             chosen: list[str] = []
-            for result in annotation.get("result") or []:
+            results = annotation.get("result") or []
+            if not isinstance(results, list):
+                problems.add(
+                    f"{where} annotation {k}",
+                    f"'result' is a {type(results).__name__}, not a list",
+                    "export the project again with Label Studio's 'JSON' export",
+                )
+                bad = True
+                continue
+            for result in results:
                 value = result.get("value") if isinstance(result, dict) else None
                 if isinstance(value, dict) and isinstance(value.get("choices"), list):
                     chosen.extend(str(c) for c in value["choices"])
@@ -339,8 +358,16 @@ def _parse_label_studio(
                 )
                 bad = True
                 continue
-            votes.append(label)
             name = _annotator_name(annotation)
+            if name is not None and not _storable(name):
+                problems.add(
+                    f"{where} annotation {k}",
+                    f"the annotator name {name!r} is not valid Unicode text",
+                    "export the project from Label Studio again",
+                )
+                bad = True
+                continue
+            votes.append(label)
             if name:
                 annotators.append(name)
         if bad:
@@ -369,11 +396,29 @@ def _parse_label_studio(
     return answers
 
 
-def _escapes_root(path: str, corpus_root: Path) -> bool:
+def _storable(text: str) -> bool:
+    """False for text that cannot be written as UTF-8 (lone surrogates from JSON escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path_problem(path: str, corpus_root: Path) -> str | None:
+    """Why ``path`` is not a file path inside ``corpus_root`` (symlinks resolved), or None."""
+    if "\x00" in path or not _storable(path):
+        return f"path {path!r} contains a NUL byte or invalid Unicode"
     candidate = Path(path)
     if not candidate.is_absolute():
         candidate = corpus_root / candidate
-    return not candidate.resolve().is_relative_to(corpus_root.resolve())
+    try:
+        inside = candidate.resolve().is_relative_to(corpus_root.resolve())
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop
+        return f"path {path!r} cannot be resolved ({exc})"
+    if not inside:
+        return f"path {path!r} resolves outside the corpus root {str(corpus_root)!r}"
+    return None
 
 
 def _is_json(path: Path, text: str) -> bool:
@@ -429,11 +474,11 @@ def import_labels(
             continue
         if root is not None:
             for p in answer.paths:
-                if _escapes_root(p, root):
+                reason = _path_problem(p, root)
+                if reason:
                     problems.add(
                         answer.where,
-                        f"path {p!r} of {answer.utt_id!r} resolves outside the corpus root "
-                        f"{str(root)!r}",
+                        f"{reason} (item {answer.utt_id!r})",
                         "restore the exported path (files must stay inside the corpus)",
                     )
         if answer.label is None:

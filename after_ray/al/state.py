@@ -36,6 +36,7 @@ with a fix (``after-ray check RUN_DIR``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import logging
@@ -346,15 +347,16 @@ class RunState:
         if state_path.exists():
             self._state = _read_state_json(state_path)
         else:
-            self._state = {
-                "schema_version": SCHEMA_VERSION,
-                "created": now_iso(),
-                "experiment": None,
-                "stages": {},
-                "checkpoints": {},
-                "timings": [],
-            }
-            self._write_state()
+            self._commit_state(
+                {
+                    "schema_version": SCHEMA_VERSION,
+                    "created": now_iso(),
+                    "experiment": None,
+                    "stages": {},
+                    "checkpoints": {},
+                    "timings": [],
+                }
+            )
         self._remove_temp_files()
         self._load_labels()
 
@@ -406,8 +408,15 @@ class RunState:
                 )
         self._labels = labels
 
-    def _write_state(self) -> None:
-        atomic_write_json(self.run_dir / STATE_FILE, self._state, what="the run state")
+    def _commit_state(self, new_state: dict[str, Any]) -> None:
+        """Write ``new_state`` to state.json, then adopt it. Callers change a copy: when the
+        write fails (disk full) the object keeps matching the file, so a later successful write
+        cannot persist a change whose caller was told it failed."""
+        atomic_write_json(self.run_dir / STATE_FILE, new_state, what="the run state")
+        self._state = new_state
+
+    def _changed_state(self) -> dict[str, Any]:
+        return copy.deepcopy(self._state)
 
     # ---------------------------------------------------------------- experiment & stages
 
@@ -419,8 +428,9 @@ class RunState:
         identity = to_jsonable(dict(identity))
         stored = self._state.get("experiment")
         if stored is None:
-            self._state["experiment"] = identity
-            self._write_state()
+            new_state = self._changed_state()
+            new_state["experiment"] = identity
+            self._commit_state(new_state)
             return
         changed = sorted(
             key for key in set(stored) | set(identity) if stored.get(key) != identity.get(key)
@@ -448,8 +458,9 @@ class RunState:
             logger.info("stage %r was already done; recording the new result", name)
         entry = to_jsonable(dict(info or {}))
         entry["done_at"] = now_iso()
-        self._state["stages"][name] = entry
-        self._write_state()
+        new_state = self._changed_state()
+        new_state["stages"][name] = entry
+        self._commit_state(new_state)
 
     def stage_info(self, name: str) -> dict[str, Any] | None:
         entry = self._state["stages"].get(name)
@@ -612,6 +623,7 @@ class RunState:
         ).encode("utf-8")
         path = self.run_dir / LABELS_FILE
         created = not path.exists()
+        size_before = 0 if created else path.stat().st_size
         try:
             with open(path, "ab") as handle:
                 # One write call for the batch: a crash can tear only its last line.
@@ -619,7 +631,10 @@ class RunState:
                 handle.flush()
                 os.fsync(handle.fileno())
         except OSError as exc:
-            # The file may now end in a partial line; the next open truncates it away.
+            # A short write (disk full) may have stored some whole lines of the batch: the
+            # caller is told none was stored, so cut them off again, or a retry would log them
+            # twice. Truncating frees space, so it works on a full disk.
+            _cut_back(path, size_before, created)
             raise write_failure(path, f"{len(new)} labels", exc) from exc
         if created:
             fsync_dir(self.run_dir)
@@ -662,8 +677,9 @@ class RunState:
         or a URI such as ``s3://...``)."""
         self._require_open()
         _check_round_index(round_index)
-        self._state["checkpoints"][str(round_index)] = str(ref)
-        self._write_state()
+        new_state = self._changed_state()
+        new_state["checkpoints"][str(round_index)] = str(ref)
+        self._commit_state(new_state)
 
     def checkpoint(self, round_index: int) -> str | None:
         return self._state["checkpoints"].get(str(round_index))
@@ -675,10 +691,11 @@ class RunState:
             _check_round_index(round_index)
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"timing of {stage!r}: seconds must be finite and >= 0, got {seconds}")
-        self._state["timings"].append(
+        new_state = self._changed_state()
+        new_state["timings"].append(
             {"round": round_index, "stage": stage, "seconds": float(seconds), "at": now_iso()}
         )
-        self._write_state()
+        self._commit_state(new_state)
 
     @contextlib.contextmanager
     def timed(self, stage: str, round_index: int | None = None) -> Iterator[None]:
@@ -788,6 +805,19 @@ def _read_state_json(path: Path) -> dict[str, Any]:
     return state
 
 
+def _cut_back(path: Path, size: int, created: bool) -> None:
+    """Undo a failed append: ``path`` back to ``size`` bytes (removed if it was just created)."""
+    try:
+        if created:
+            path.unlink(missing_ok=True)
+        else:
+            os.truncate(path, size)
+    except OSError as exc:
+        # Left as it is: the next open removes a torn last line; whole lines of the failed
+        # batch would remain, and ``after-ray check`` lists them as labels nobody confirmed.
+        logger.error("could not undo a failed append to %s (%s)", path, exc)
+
+
 def _acquire_lock(run_dir: Path) -> int:
     lock_path = run_dir / LOCK_FILE
     try:
@@ -810,8 +840,13 @@ def _acquire_lock(run_dir: Path) -> int:
             "support flock (on NFS, mount with lock support)"
         ) from exc
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    except OSError as exc:
+        # The holder info only improves the "in use" message; the flock is what protects the
+        # run. A full disk must not keep a run from being opened (or leak the locked fd).
+        logger.warning("could not record the lock holder in %s (%s)", run_dir / LOCK_FILE, exc)
     return fd
 
 
