@@ -107,8 +107,8 @@ def _nest(depth: int, leaf: Any, as_dict: bool) -> Any:
     return leaf
 
 
-# Far below PyYAML's own recursion limit (a few hundred levels): deeper documents are refused by
-# the parser itself; see test_deeply_nested_yaml_is_a_config_error.
+# Far below the depth where PyYAML itself overflows the stack (~500 levels): deeper documents
+# are refused as a whole; see test_yaml_the_parser_refuses_is_a_config_error.
 deep_values = st.builds(_nest, st.integers(1, 60), scalars, st.booleans())
 any_value = st.one_of(yaml_values, deep_values, st.sampled_from(REAL_VALUES))
 # YAML text that no dumped value produces: aliases (cycles, shared subtrees), tags, YAML 1.1

@@ -1,0 +1,322 @@
+"""Load test of the selection path at pool scale: shards on disk -> pool -> selection -> run state.
+
+What one run of :func:`run_load_benchmark` does, in a fresh subprocess (so that the peak resident
+memory it reports is this benchmark's, not the caller's):
+
+1. ``write``: synthesizes ``n`` utterance records chunk by chunk (utt_id, class probabilities
+   ``[n, n_classes]``, embeddings ``[n, d]``, penultimate features ``[n, d // 2]``; Gaussian
+   blobs of ~1,000 rows, so k-center has structure to find) and writes them the way the scoring
+   stage's cache holds them: Parquet shards of ``fixed_size_list<float32>`` vectors
+   (:func:`~after_ray.al.embedding_store.write_embedding_shards`), one directory per field.
+2. ``read``: reads the three fields back in chunks
+   (:func:`~after_ray.al.embedding_store.read_embeddings`, rows in ``utt_id`` order, the other
+   two fields aligned to the same ids) and builds the :class:`~after_ray.al.pool.PoolView`.
+3. For each strategy (``after``: entropy pre-filter + k-center; ``coreset``: k-center over the
+   whole pool) and each of ``rounds`` rounds, in its own run directory: ``select`` (``k`` items
+   given everything labeled so far) and ``record`` (``RunState.record_selection`` then
+   ``append_labels`` of the ``k`` items with a simulated label, the blob's class).
+
+Per phase it records the wall time and the peak resident memory *of that phase* (``VmHWM`` after
+resetting it through ``/proc/self/clear_refs`` at the phase start; where that is not allowed the
+figure is the process peak so far). The numpy core is all it imports: no torch, no Ray.
+
+``python -m after_ray.bench_load --n 200000 --d 128 --k 2000`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["run_load_benchmark"]
+
+_MARK = "LOAD_BENCH_RESULT "
+_CHUNK_ROWS = 50_000
+_BLOB_ROWS = 1_000
+STRATEGIES = ("after", "coreset")
+
+
+# ---------------------------------------------------------------------------- memory and time
+
+
+def _status_kb(field: str) -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Phases:
+    """Wall time and peak RSS of named phases, in order."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.peak_resets = True
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.peak_resets &= _reset_peak()
+        start = time.perf_counter()
+        yield
+        self.rows.append(
+            {
+                "phase": name,
+                "seconds": time.perf_counter() - start,
+                "peak_rss_mb": _status_kb("VmHWM") / 1024,
+                "rss_after_mb": _status_kb("VmRSS") / 1024,
+            }
+        )
+
+
+# ---------------------------------------------------------------------------- synthetic pool
+
+
+def utt_id(i: int) -> str:
+    # Speakers interleave, so sorting by utt_id permutes the generation order (as a real
+    # manifest would): reading back exercises the scatter into utt_id order.
+    return f"bench/spk{(i * 7919) % 997:03d}/utt{i:07d}"
+
+
+def _write_pool(out: Path, n: int, d: int, n_classes: int, seed: int) -> np.ndarray:
+    """Write the shards; returns each row's true class (the simulated oracle's answer)."""
+    from after_ray.al.embedding_store import write_embedding_shards
+
+    rng = np.random.default_rng(seed)
+    n_blobs = max(2, n // _BLOB_ROWS)
+    centers = rng.standard_normal((n_blobs, d), dtype=np.float32)
+    blob_logits = rng.standard_normal((n_blobs, n_classes)).astype(np.float32) * 3
+    projection = rng.standard_normal((d, max(1, d // 2)), dtype=np.float32) / np.sqrt(d)
+    truth = np.empty(n, dtype=np.int16)
+    for shard, start in enumerate(range(0, n, _CHUNK_ROWS)):
+        m = min(n, start + _CHUNK_ROWS) - start
+        blob = rng.integers(0, n_blobs, m)
+        x = rng.standard_normal((m, d), dtype=np.float32)
+        x *= 0.3
+        x += centers[blob]
+        logits = blob_logits[blob] + rng.standard_normal((m, n_classes)).astype(np.float32)
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        penultimate = np.maximum(x @ projection, 0.0)
+        truth[start : start + m] = blob_logits[blob].argmax(axis=1)
+        ids = [utt_id(i) for i in range(start, start + m)]
+        for field, values in (("embedding", x), ("penultimate", penultimate), ("probs", probs)):
+            # One call per chunk keeps generation memory at one chunk; each call numbers its
+            # shard part-00000, so it is renamed to this chunk's number.
+            staging = out / f".{field}-{shard:05d}"
+            (written,) = write_embedding_shards(
+                ids, values, staging, rows_per_shard=m, column=field
+            )
+            final = out / field / f"part-{shard:05d}.parquet"
+            final.parent.mkdir(parents=True, exist_ok=True)
+            written.rename(final)
+            staging.rmdir()
+    return truth
+
+
+def _read_pool(out: Path, n_classes: int):
+    from after_ray.al.embedding_store import read_embeddings
+
+    ids, embeddings = read_embeddings(out / "embedding", sort_by_id=True, column="embedding")
+    _, penultimate = read_embeddings(out / "penultimate", order=ids, column="penultimate")
+    _, probs = read_embeddings(out / "probs", order=ids, column="probs")
+    if probs.shape[1] != n_classes:
+        raise RuntimeError(f"probs have {probs.shape[1]} classes, expected {n_classes}")
+    return ids.astype(str), embeddings, penultimate, probs
+
+
+# ---------------------------------------------------------------------------- child side
+
+
+def _child(spec: dict) -> dict:
+    # Imported before the first phase, so that no phase is charged for importing FAISS.
+    import after_ray.al.kcenter  # noqa: F401
+    from after_ray.al.pool import PoolView
+    from after_ray.al.state import RunState
+    from after_ray.al.strategies import get_strategy
+
+    n, d, n_classes, k = spec["n"], spec["d"], spec["n_classes"], spec["k"]
+    rounds, seed = spec["rounds"], spec["seed"]
+    out = Path(spec["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    baseline_mb = _status_kb("VmRSS") / 1024
+    phases = _Phases()
+
+    with phases.phase("write shards"):
+        truth = _write_pool(out / "scores", n, d, n_classes, seed)
+    with phases.phase("read shards + pool"):
+        ids, embeddings, penultimate, probs = _read_pool(out / "scores", n_classes)
+        pool = PoolView(
+            utt_ids=ids,
+            labeled=np.zeros(n, dtype=bool),
+            probs=probs,
+            embeddings=embeddings,
+            penultimate=penultimate,
+        )
+        # The simulated oracle answers by utt_id: the generation index is in the id.
+        index_of = np.fromiter((int(u[-7:]) for u in ids), dtype=np.int64, count=n)
+    classes = [f"class{c}" for c in range(n_classes)]
+
+    selections: dict[str, list[list[str]]] = {}
+    run_dirs: dict[str, str] = {}
+    for name in STRATEGIES:
+        strategy = get_strategy(name)
+        run_dir = out / "runs" / name
+        run_dirs[name] = str(run_dir)
+        selections[name] = []
+        labeled = np.zeros(n, dtype=bool)
+        with RunState.open(run_dir) as state:
+            for r in range(rounds):
+                with phases.phase(f"select {name} r{r}"):
+                    picks = strategy.select(pool.with_labeled(labeled), k, seed=seed + r)
+                with phases.phase(f"record {name} r{r}"):
+                    positions = np.searchsorted(ids, picks)
+                    state.record_selection(r, picks, None, name)
+                    state.append_labels(
+                        r,
+                        (
+                            {
+                                "utt_id": u,
+                                "label": classes[int(truth[index_of[p]])],
+                                "source": "simulated",
+                            }
+                            for u, p in zip(picks, positions.tolist(), strict=True)
+                        ),
+                    )
+                labeled[positions] = True
+                selections[name].append(picks)
+
+    matrix_mb = n * d * 4 / 2**20
+    return {
+        **{key: spec[key] for key in ("n", "d", "n_classes", "k", "rounds", "seed")},
+        "phases": phases.rows,
+        "per_phase_peaks": phases.peak_resets,
+        "peak_rss_mb": max(row["peak_rss_mb"] for row in phases.rows),
+        "baseline_rss_mb": baseline_mb,
+        "matrix_mb": matrix_mb,
+        "pool_arrays_mb": (embeddings.nbytes + penultimate.nbytes + probs.nbytes) / 2**20,
+        "selection_sizes": {name: [len(s) for s in sel] for name, sel in selections.items()},
+        "duplicates_across_rounds": {
+            name: sum(len(s) for s in sel) - len({u for s in sel for u in s})
+            for name, sel in selections.items()
+        },
+        "run_dirs": run_dirs,
+    }
+
+
+# ---------------------------------------------------------------------------- parent side
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"load benchmark: n={result['n']:,} d={result['d']} classes={result['n_classes']} "
+        f"k={result['k']} rounds={result['rounds']}; embedding matrix "
+        f"{result['matrix_mb']:.0f} MB, pool arrays {result['pool_arrays_mb']:.0f} MB, "
+        f"RSS after imports {result['baseline_rss_mb']:.0f} MB",
+        "",
+        "| phase | wall (s) | peak RSS in phase (MB) | RSS after (MB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in result["phases"]:
+        lines.append(
+            f"| {row['phase']} | {row['seconds']:.2f} | {row['peak_rss_mb']:.0f} "
+            f"| {row['rss_after_mb']:.0f} |"
+        )
+    lines.append(
+        f"| **whole run (peak)** | {sum(r['seconds'] for r in result['phases']):.2f} "
+        f"| {result['peak_rss_mb']:.0f} | |"
+    )
+    if not result["per_phase_peaks"]:
+        lines.append("(this kernel does not reset VmHWM: peaks are cumulative)")
+    return "\n".join(lines)
+
+
+def run_load_benchmark(
+    n: int = 200_000,
+    d: int = 128,
+    n_classes: int = 4,
+    k: int = 2000,
+    rounds: int = 2,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    seed: int = 0,
+    print_table: bool = True,
+    timeout: float | None = None,
+) -> dict:
+    """Run the load benchmark in a subprocess; returns (and prints) the figures.
+
+    ``out_dir`` keeps the shards and the two run directories (``runs/after``, ``runs/coreset``);
+    None uses a temporary directory removed afterwards.
+    """
+    if min(n, d, k, rounds) < 1 or n_classes < 2:
+        raise ValueError("n, d, k and rounds must be >= 1 and n_classes >= 2")
+    if k * rounds > n:
+        raise ValueError(f"k * rounds = {k * rounds} exceeds the pool size {n}")
+    with tempfile.TemporaryDirectory(prefix="after-ray-load-") as tmp:
+        spec = {
+            "n": n, "d": d, "n_classes": n_classes, "k": k, "rounds": rounds, "seed": seed,
+            "out_dir": str(Path(out_dir) if out_dir is not None else Path(tmp)),
+        }  # fmt: skip
+        cmd = [sys.executable, "-m", "after_ray.bench_load", "--child", json.dumps(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        result = None
+        for line in proc.stdout.splitlines():
+            if line.startswith(_MARK):
+                result = json.loads(line[len(_MARK) :])
+        if proc.returncode != 0 or result is None:
+            raise RuntimeError(
+                f"load benchmark child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
+    if print_table:
+        print(format_table(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m after_ray.bench_load", description=__doc__)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=200_000)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--n-classes", type=int, default=4)
+    parser.add_argument("--k", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(_MARK + json.dumps(_child(json.loads(args.child))), flush=True)
+        return 0
+    run_load_benchmark(
+        args.n, args.d, args.n_classes, args.k, args.rounds, args.out_dir, seed=args.seed
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

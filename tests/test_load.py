@@ -1,0 +1,93 @@
+"""Load test: 200,000 utterances through shards -> pool -> AFTER / coreset selection -> run state.
+
+Runs ``after_ray.bench_load`` (in its own subprocess) at n=200,000, d=32, k=500, two rounds, and
+checks what it produced on disk, not how fast: the selections have the right sizes and never
+repeat an item across rounds, every selected item got exactly one label line, the run
+directories pass ``check_run_dir``, AFTER's picks come from its entropy pre-filter, and the
+peak resident memory stays within a bound.
+
+The memory bound is ``400 MB + 3 x the pool arrays``. 400 MB covers the interpreter with numpy,
+pyarrow, FAISS and Arrow's memory pool (about 250-270 MB measured after the write phase on the
+development machine). The pool arrays (embeddings [N, d], penultimate [N, d/2], probabilities
+[N, C] in float32: 42 MB here) are held once by the pool; the factor 3 leaves room for one
+transient copy while reading and the utt_id arrays (object and fixed-width string, ~35 MB at this
+N). A reader that materialised the shards as whole tables (three copies per field), or a kernel
+that built an [N, N] or [N, C*H] matrix, breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from after_ray.al.embedding_store import read_embeddings
+from after_ray.al.state import LABELS_FILE, RunState, check_run_dir
+from after_ray.al.strategies.hybrid import prefilter_size
+from after_ray.al.strategies.uncertainty import entropy
+from after_ray.bench_load import run_load_benchmark
+
+N, D, K, ROUNDS = 200_000, 32, 500, 2
+
+
+@pytest.fixture(scope="module")
+def load_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("load")
+    result = run_load_benchmark(
+        n=N, d=D, k=K, rounds=ROUNDS, out_dir=out, print_table=False, timeout=300
+    )
+    return result, out
+
+
+def test_selections_have_the_right_size_and_never_repeat(load_result):
+    result, _out = load_result
+    assert result["selection_sizes"] == {"after": [K] * ROUNDS, "coreset": [K] * ROUNDS}
+    assert result["duplicates_across_rounds"] == {"after": 0, "coreset": 0}
+    for run_dir in map(Path, result["run_dirs"].values()):
+        assert check_run_dir(run_dir) == []
+        with RunState.open(run_dir, create=False) as state:
+            picks = [state.selection(r) for r in range(ROUNDS)]
+            assert [len(p) for p in picks] == [K] * ROUNDS
+            assert len({u for p in picks for u in p}) == K * ROUNDS
+            assert state.labeled_round() == {u: r for r, p in enumerate(picks) for u in p}
+
+
+def test_every_pick_has_exactly_one_label_line(load_result):
+    result, _out = load_result
+    for run_dir in map(Path, result["run_dirs"].values()):
+        lines = (run_dir / LABELS_FILE).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == K * ROUNDS
+        entries = [json.loads(line) for line in lines]
+        assert len({e["utt_id"] for e in entries}) == K * ROUNDS
+        labels = {e["label"] for e in entries}
+        assert labels <= {f"class{c}" for c in range(4)} and len(labels) > 1
+
+
+def test_after_picks_come_from_the_entropy_prefilter(load_result):
+    """Round 0: every AFTER pick is among the ``prefilter_factor * k`` most uncertain items."""
+    result, out = load_result
+    ids, probs = read_embeddings(out / "scores" / "probs", column="probs", sort_by_id=True)
+    scores = entropy(probs)
+    m = prefilter_size(K, N, 4.0)
+    # Ties at the cut are broken by utt_id (ascending), as the strategy does.
+    order = np.lexsort((ids.astype(str), -scores))
+    prefilter = set(ids[order[:m]].tolist())
+    with RunState.open(result["run_dirs"]["after"], create=False) as state:
+        picks = state.selection(0)
+    assert set(picks) <= prefilter
+    # And k-center inside it spreads out: the picks are not just the top-k by entropy.
+    assert set(picks) != set(ids[order[:K]].tolist())
+
+
+def test_peak_memory_stays_within_the_bound(load_result):
+    result, _out = load_result
+    assert result["matrix_mb"] == pytest.approx(N * D * 4 / 2**20)
+    bound_mb = 400 + 3 * result["pool_arrays_mb"]
+    assert result["peak_rss_mb"] < bound_mb, result["phases"]
+
+
+def test_benchmark_rejects_a_pool_smaller_than_the_budget(tmp_path):
+    with pytest.raises(ValueError, match="exceeds the pool size"):
+        run_load_benchmark(n=100, d=4, k=60, rounds=2, out_dir=tmp_path, print_table=False)
