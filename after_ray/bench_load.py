@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from after_ray.bench_select import _status_kb  # the /proc/self/status reader
+
 __all__ = ["run_load_benchmark"]
 
 _MARK = "LOAD_BENCH_RESULT "
@@ -47,19 +49,6 @@ STRATEGIES = ("after", "coreset")
 
 
 # ---------------------------------------------------------------------------- memory and time
-
-
-def _status_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB on Linux
 
 
 def _reset_peak() -> bool:
