@@ -316,6 +316,40 @@ def test_same_seed_gives_the_same_result(data):
         assert torch.equal(value, second.best_state_dict[key])
 
 
+def test_resuming_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(data, tmp_path):
+    """Stop after epoch 1 (state saved to disk and loaded back), resume in a fresh model."""
+    from after_ray.training.tapt import load_tapt_state, save_tapt_state
+
+    cfg = FinetuneConfig(epochs=4, batch_size=8, early_stopping_patience=0)
+    items = data["train"][::2]
+    provider = shuffled_provider(items, 8)
+
+    def val():
+        return make_batches(data["val"], 16)
+
+    full = finetune(cfg, tiny_classifier(cfg), provider, val, CLASS_NAMES)
+    saved = []
+
+    def keep_epoch_1(epoch, get_state):
+        if epoch == 1:
+            saved.append(save_tapt_state(get_state(), tmp_path / "finetune_state.pt"))
+            raise KeyboardInterrupt  # the "crash": nothing after epoch 1 runs
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, tiny_classifier(cfg), provider, val, CLASS_NAMES, on_checkpoint=keep_epoch_1)
+    state = load_tapt_state(saved[0])
+    assert state["next_epoch"] == 2
+    # A differently initialised model: everything must come from the checkpoint.
+    resumed = finetune(
+        cfg, tiny_classifier(cfg, seed=5), provider, val, CLASS_NAMES, start_state=state
+    )
+    assert [r.epoch for r in resumed.history] == [0, 1, 2, 3]
+    assert [r.train_loss for r in resumed.history] == [r.train_loss for r in full.history]
+    assert resumed.best_epoch == full.best_epoch and resumed.best_val_ua == full.best_val_ua
+    for key, value in full.best_state_dict.items():
+        assert torch.equal(value, resumed.best_state_dict[key]), key
+
+
 def test_config_validation_names_the_field():
     assert FinetuneConfig().validate() == []
     problems = FinetuneConfig(lr=0, epochs=0, mask_time_prob=1.5, proj_size=0).validate()

@@ -32,6 +32,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from after_ray import faults
 from after_ray.atomic import staged_directory
 from after_ray.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 TAPT_STATE = "tapt_state.pt"
 HF_MARKER = "config.json"
 FINETUNE_RESULT = "finetune_result.json"
+FINETUNE_STATE = "finetune_state.pt"
 
 
 # ------------------------------------------------------------------------------ trainer plumbing
@@ -89,6 +91,9 @@ def _common_loop_config(backbone, audio, ray_cfg, storage_path, name: str) -> di
         "torch_threads": ray_cfg.cpus_per_worker,
         "in_memory_max_hours": ray_cfg.in_memory_audio_max_hours,
         "local_checkpoint_dir": str(local_checkpoint_dir(storage_path, name)),
+        # Failpoint settings for the crash tests (empty otherwise): workers do not inherit the
+        # driver's environment.
+        "faults": faults.snapshot(),
     }
 
 
@@ -194,6 +199,7 @@ def tapt_worker_loop(loop_config: dict) -> dict:
         tapt_loop,
     )
 
+    faults.install(loop_config.get("faults"))
     tapt_cfg = TaptConfig(**loop_config["tapt"])
     backbone_cfg = BackboneConfig(**loop_config["backbone"])
     audio_cfg = AudioConfig(**loop_config["audio"])
@@ -220,8 +226,11 @@ def tapt_worker_loop(loop_config: dict) -> dict:
     )
 
     def batches(epoch: int):
-        return audio.train_batches(
-            seed=tapt_cfg.seed + 7919 * rank, epoch=epoch, batch_size=tapt_cfg.batch_size
+        return _with_failpoint(
+            audio.train_batches(
+                seed=tapt_cfg.seed + 7919 * rank, epoch=epoch, batch_size=tapt_cfg.batch_size
+            ),
+            "tapt_step",
         )
 
     def on_checkpoint(step: int, state: dict) -> None:
@@ -257,6 +266,13 @@ def tapt_worker_loop(loop_config: dict) -> dict:
         "loss_history": summary["loss_history"],
         "seconds": summary["seconds"],
     }
+
+
+def _with_failpoint(batches, name: str):
+    """Yield ``batches``, passing failpoint ``name`` after each one is consumed (mid-epoch)."""
+    for batch in batches:
+        yield batch
+        failpoint(name)
 
 
 def _copier(src_dir, name):
@@ -309,7 +325,9 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import load_classifier, save_classifier
     from after_ray.training.finetune import build_classifier, finetune, make_cached_providers
+    from after_ray.training.tapt import load_tapt_state, save_tapt_state
 
+    faults.install(loop_config.get("faults"))
     ft_cfg = FinetuneConfig(**loop_config["finetune"])
     audio_cfg = AudioConfig(**loop_config["audio"])
     class_names = list(loop_config["class_names"])
@@ -331,6 +349,9 @@ def finetune_worker_loop(loop_config: dict) -> dict:
                 },
             )
             return summary
+        start_state = None
+        if ckpt_dir is not None and (ckpt_dir / FINETUNE_STATE).is_file():
+            start_state = load_tapt_state(ckpt_dir / FINETUNE_STATE)
 
     torch.manual_seed(ft_cfg.seed)
     if loop_config.get("warm_start_dir"):
@@ -354,8 +375,11 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     )
 
     def train_batches(epoch: int):
-        return train_audio.train_batches(
-            seed=ft_cfg.seed + 7919 * rank, epoch=epoch, batch_size=ft_cfg.batch_size
+        return _with_failpoint(
+            train_audio.train_batches(
+                seed=ft_cfg.seed + 7919 * rank, epoch=epoch, batch_size=ft_cfg.batch_size
+            ),
+            "finetune_step",
         )
 
     def val_batches():
@@ -376,6 +400,16 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         val_batches = val_provider  # noqa: F811 - the cached provider replaces the audio one
         log.info("fine-tune: CNN feature cache %s", cache_stats)
 
+    def on_checkpoint(epoch: int, get_state) -> None:
+        # Every epoch: a worker lost mid-run (or the driver, in local mode) resumes with the
+        # next epoch instead of starting the round's fine-tuning again.
+        state = get_state() if rank == 0 else None
+        writer.report(
+            {"epoch": epoch, "val_ua": state["history"][-1]["val_ua"] if state else None},
+            {FINETUNE_STATE: lambda path: save_tapt_state(state, path)} if state else None,
+        )
+        failpoint("finetune_checkpoint")
+
     counts = [0.0] * len(class_names)
     for row in loop_config["train_rows"]:
         counts[label_to_index[row["label"]]] += 1.0
@@ -388,6 +422,8 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         device=device,
         class_counts=counts,
         on_epoch_end=lambda record, _model: failpoint("finetune_epoch"),
+        start_state=start_state,
+        on_checkpoint=on_checkpoint,
     )
     summary = {
         "best_epoch": result.best_epoch,

@@ -23,7 +23,9 @@ scoring always see full utterances, where the cache is exact.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from after_ray.atomic import to_jsonable
 from after_ray.errors import ConfigError
 from after_ray.metrics import classification_report
 from after_ray.models.classifier import SERClassifier, SpecAugment
@@ -507,6 +510,8 @@ def finetune(
     on_epoch_end: Callable[[EpochRecord, SERClassifier], bool | None] | None = None,
     device: torch.device | str = "cpu",
     class_counts: Sequence[float] | None = None,
+    start_state: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[int, Callable[[], dict[str, Any]]], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on the labeled set and keep the best-validation-UA weights.
 
@@ -518,6 +523,12 @@ def finetune(
     ``model`` may be wrapped in DistributedDataParallel (``best_state_dict`` has no ``module.``
     prefix); each worker selects on what its own ``val_batches`` gives it, so give every worker
     the whole validation set to keep the selected epoch identical across workers.
+
+    Resuming: ``on_checkpoint(epoch, get_state)`` runs after each epoch that does not end the
+    run; ``get_state()`` builds the state to save (weights, optimizer, best weights so far,
+    history, early-stopping counter). ``start_state`` (such a state, loaded back) continues with
+    the next epoch. Epoch ``e`` draws its crops, dropout and SpecAugment from (seed, e) only, so a
+    resumed run ends with exactly the weights of an uninterrupted one.
     """
     # A DistributedDataParallel wrapper runs the forward passes; weights live in its .module.
     core: SERClassifier = getattr(model, "module", model)
@@ -552,7 +563,17 @@ def finetune(
     best_report: dict[str, Any] = {}
     best_epoch, best_ua, since_best = -1, -math.inf, 0
     stopped_early = False
-    for epoch in range(cfg.epochs):
+    first_epoch = 0
+    if start_state is not None:
+        core.load_state_dict(start_state["model"])
+        optimizer.load_state_dict(start_state["optimizer"])
+        history = [EpochRecord(**record) for record in start_state["history"]]
+        best_state = start_state["best_model"]
+        best_report = json.loads(start_state["best_report_json"])
+        best_epoch, best_ua = int(start_state["best_epoch"]), float(start_state["best_ua"])
+        since_best = int(start_state["since_best"])
+        first_epoch = int(start_state["next_epoch"])
+    for epoch in range(first_epoch, cfg.epochs):
         # Reseed per epoch: dropout and SpecAugment draws then depend on (seed, epoch) only.
         torch.manual_seed(derive_seed(cfg.seed, epoch, "torch"))
         tick = time.perf_counter()
@@ -594,6 +615,24 @@ def finetune(
         if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
             stopped_early = epoch < cfg.epochs - 1
             break
+        if on_checkpoint is not None and epoch < cfg.epochs - 1:
+            # Built on demand (only the rank that saves pays for the copy); on_checkpoint calls it
+            # before returning, so the loop variables it reads are this epoch's.
+            def get_state(epoch: int = epoch) -> dict[str, Any]:
+                return {
+                    "next_epoch": epoch + 1,
+                    "model": {k: v.detach().to("cpu") for k, v in core.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "history": [dataclasses.asdict(r) for r in history],
+                    "best_model": best_state,  # noqa: B023
+                    # JSON: the report holds numpy scalars, which weights_only loading refuses.
+                    "best_report_json": json.dumps(to_jsonable(best_report)),  # noqa: B023
+                    "best_epoch": best_epoch,  # noqa: B023
+                    "best_ua": best_ua,  # noqa: B023
+                    "since_best": since_best,  # noqa: B023
+                }
+
+            on_checkpoint(epoch, get_state)
     assert best_state is not None  # at least one epoch ran and UA > -inf
     core.load_state_dict(best_state)
     return FinetuneResult(
