@@ -188,11 +188,13 @@ def staged_directory(out_dir: str | Path, *, what: str | None = None) -> Iterato
     staging: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
         yield staging
+        failpoint("dir_staged")  # crash tests: complete in staging, not yet swapped in
         if out.exists():
             previous = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(previous)
+            failpoint("dir_swap")  # crash tests: the previous version moved aside, no new one
             try:
                 staging.rename(out)
             except BaseException:
@@ -209,3 +211,38 @@ def staged_directory(out_dir: str | Path, *, what: str | None = None) -> Iterato
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# Directories a killed ``staged_directory`` leaves: its staging copy, and the previous version it
+# had moved aside when it died between the two renames of the swap.
+_STAGED_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>staging-\w+|old-\d+)$")
+
+
+def staged_leftovers(root: str | Path) -> list[Path]:
+    """Directories under ``root`` left by an interrupted ``staged_directory`` swap."""
+    found = []
+    for parent, dirs, _files in os.walk(root):
+        for name in sorted(dirs):
+            if _STAGED_LEFTOVER.match(name):
+                found.append(Path(parent) / name)
+        dirs[:] = [d for d in dirs if not _STAGED_LEFTOVER.match(d)]
+    return found
+
+
+def recover_staged_leftovers(root: str | Path) -> list[Path]:
+    """Undo what interrupted directory swaps left under ``root``; returns what was recovered.
+
+    Only for a caller that knows no writer under ``root`` is alive (it holds the run lock). A
+    moved-aside previous version whose directory is missing goes back into place (it was
+    complete); every other leftover is deleted.
+    """
+    restored = []
+    for path in staged_leftovers(root):
+        match = _STAGED_LEFTOVER.match(path.name)
+        target = path.with_name(match["target"])
+        if match["kind"].startswith("old-") and not target.exists():
+            path.rename(target)
+            restored.append(target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return restored

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 ENV = "AFTER_RAY_FAILPOINT"
 ONCE_ENV = "AFTER_RAY_FAILPOINT_ONCE"
@@ -31,7 +32,9 @@ _ALL = (ENV, ONCE_ENV, TRACE_ENV)
 _hits: dict[str, int] = {}
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str, before_kill: Callable[[], object] | None = None) -> None:
+    """Die here if the environment names this point; ``before_kill`` runs just before (e.g. to
+    leave half a write behind, as a power cut mid-write would)."""
     trace = os.environ.get(TRACE_ENV)
     if trace:
         with open(trace, "a", encoding="utf-8") as handle:
@@ -52,6 +55,8 @@ def failpoint(name: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return
+    if before_kill is not None:
+        before_kill()
     os.kill(os.getpid(), signal.SIGKILL)
 
 

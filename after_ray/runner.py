@@ -93,6 +93,7 @@ def stage_prepare(config: Config, state: RunState) -> None:
         return
     from after_ray.prepare import prepare
 
+    failpoint("stage:prepare")
     with state.timed("prepare"):
         result = prepare(config)
     print(f"prepare: {result.n_rows} utterances -> {result.manifest_path}", flush=True)
@@ -127,6 +128,7 @@ def stage_tapt(config: Config, state: RunState, pool_rows: list[dict]) -> str:
         from after_ray.distributed.train import run_tapt
 
         _ray(config)
+        failpoint("stage:tapt")
         print(f"tapt: {config.tapt.steps} steps on {len(pool_rows)} utterances ...", flush=True)
         with state.timed("tapt"):
             summary = run_tapt(
@@ -159,6 +161,7 @@ def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names
         from after_ray.models.classifier_io import save_classifier
         from after_ray.training.finetune import build_classifier
 
+        failpoint("stage:embed")
         backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
@@ -175,6 +178,7 @@ def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_ind
     from after_ray.distributed.scoring import score_rows
 
     _ray(config)
+    failpoint(f"stage:score_{tag}")
     with state.timed(stage or f"score_{tag}", round_index):
         return score_rows(
             rows,
@@ -228,11 +232,12 @@ def _select(
     strategy = get_strategy(name, **params)
     pool_ids = sorted(r["utt_id"] for r in pool_rows)
     view = _pool_view(pool_ids, labeled, scores, durations)
+    failpoint("stage:select")
     with state.timed("select", round_index):
         ranked = strategy.select(
             view, min(want, view.n_unlabeled), seed=_seed(config.run.seed, round_index, name)
         )
-    failpoint(f"select:{round_index}")
+    failpoint(f"select:{round_index}")  # ranked, not yet recorded
     chosen = budget.take(
         ranked, target=target, spent=spent, durations=durations, votes_per_item=votes
     )
@@ -274,6 +279,7 @@ def _acquire_labels(
         waiting.append(round_index)
         return False
     oracle = SimulatedOracle.from_config(config.al.oracle, rows_by_utt, class_names)
+    failpoint("stage:label")
     with state.timed("label", round_index):
         state.append_labels(round_index, oracle.label(pending, round_index))
     return True
@@ -309,6 +315,7 @@ def _finetune_round(
     out_dir = (config.run_dir / "rounds" / f"round_{round_index:03d}" / "model").resolve()
     backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
     _ray(config)
+    failpoint("stage:finetune")
     print(
         f"round {round_index}: fine-tuning on {len(train_rows)} labeled utterances ...", flush=True
     )

@@ -60,10 +60,13 @@ from after_ray.atomic import (
     atomic_write_parquet,
     fsync_dir,
     is_temp_file,
+    recover_staged_leftovers,
+    staged_leftovers,
     to_jsonable,
     write_failure,
 )
 from after_ray.errors import RunStateError
+from after_ray.faults import failpoint
 
 logger = logging.getLogger(__name__)
 
@@ -367,6 +370,8 @@ class RunState:
             logger.info("removing %s, left by an interrupted write", path)
             with contextlib.suppress(OSError):
                 path.unlink()
+        for path in recover_staged_leftovers(self.run_dir):
+            logger.info("restored %s, moved aside by an interrupted directory swap", path)
 
     def _load_labels(self) -> None:
         path = self.run_dir / LABELS_FILE
@@ -626,6 +631,11 @@ class RunState:
         size_before = 0 if created else path.stat().st_size
         try:
             with open(path, "ab") as handle:
+                # Crash tests: a power cut in the middle of the batch's write.
+                failpoint(
+                    "label_append",
+                    lambda: (handle.write(payload[: len(payload) // 2]), handle.flush()),
+                )
                 # One write call for the batch: a crash can tear only its last line.
                 handle.write(payload)
                 handle.flush()
@@ -966,6 +976,11 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
             problems.append(
                 f"{path}: temporary file left by an interrupted write (the file it was meant to "
                 "replace is intact). Fix: delete it, or resume the run, which removes it"
+            )
+        for path in staged_leftovers(run_dir):
+            problems.append(
+                f"{path}: directory left by an interrupted directory swap. Fix: resume the run, "
+                "which puts a moved-aside previous version back and deletes the rest"
             )
 
     labels_path = run_dir / LABELS_FILE
