@@ -49,8 +49,10 @@ def run_finetune_benchmark(
             results.append(result)
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU"
     print(f"fine-tune epoch time, CNN encoder frozen ({machine}):")
-    print("| backbone | utterances | audio (s) | epoch without cache (s) | epoch with cache (s) "
-          "| speed-up | cache build (s) |")
+    print(
+        "| backbone | utterances | audio (s) | epoch without cache (s) | epoch with cache (s) "
+        "| speed-up | cache build (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(

@@ -362,9 +362,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             if not isinstance(child, dict):
                 where = ".".join(path[: i + 1])
-                raise ConfigError(
-                    f"override {text!r}: {where} is a value, not a section with keys"
-                )
+                raise ConfigError(f"override {text!r}: {where} is a value, not a section with keys")
             node = child
         node[path[-1]] = value
     return data

@@ -135,4 +135,3 @@ def describe(table: pa.Table) -> dict[str, Any]:
         by_split.setdefault(r["split"] or "none", Counter())[r["label"] or "unlabeled"] += 1
     out["splits"] = {k: dict(sorted(v.items())) for k, v in sorted(by_split.items())}
     return out
-

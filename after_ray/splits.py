@@ -56,7 +56,9 @@ def leave_one_session_out(
     rest = [row for row in rows if row.get("session") != test_session]
     rest_speakers = _speakers(rest)
     if len(rest_speakers) < 2:
-        raise CorpusError("leave-one-session-out needs at least 2 speakers outside the test session")
+        raise CorpusError(
+            "leave-one-session-out needs at least 2 speakers outside the test session"
+        )
     order = np.random.default_rng(seed).permutation(len(rest_speakers))
     n_val = min(_take(len(rest_speakers), val_fraction), len(rest_speakers) - 1)
     val_speakers = {rest_speakers[i] for i in order[:n_val]}
@@ -75,8 +77,9 @@ def leave_one_session_out(
 def loso_folds(rows: list[dict[str, Any]], *, val_fraction: float, seed: int):
     """Yield (session, rows with splits) for every session held out in turn."""
     for session in sorted({row["session"] for row in rows if row.get("session")}):
-        yield session, leave_one_session_out(
-            rows, test_session=session, val_fraction=val_fraction, seed=seed
+        yield (
+            session,
+            leave_one_session_out(rows, test_session=session, val_fraction=val_fraction, seed=seed),
         )
 
 

@@ -31,6 +31,4 @@ class BadgeSampling(Strategy):
     def _select(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
         from after_ray.al.badge_fast import badge_kmeanspp
 
-        return badge_kmeanspp(
-            pool.probs, pool.penultimate, k, seed=seed, candidates=~pool.labeled
-        )
+        return badge_kmeanspp(pool.probs, pool.penultimate, k, seed=seed, candidates=~pool.labeled)

@@ -189,8 +189,7 @@ def check_optional_positive_int(strategy: str, name: str, value: Any) -> int | N
 def check_factor(strategy: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 1.0:
         raise ConfigError(
-            f"parameter {name!r} of strategy {strategy!r} must be a number >= 1, "
-            f"got {value!r}"
+            f"parameter {name!r} of strategy {strategy!r} must be a number >= 1, got {value!r}"
         )
     return float(value)
 

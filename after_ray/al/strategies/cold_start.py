@@ -87,9 +87,7 @@ def best_kmeans(
         return centroids, assignment, kmeans_inertia(x, centroids, assignment)
     best = None
     for i in range(n_init):
-        centroids, assignment = kmeans(
-            x, n_clusters, seed=(seed * n_init + i) % 2**31, niter=niter
-        )
+        centroids, assignment = kmeans(x, n_clusters, seed=(seed * n_init + i) % 2**31, niter=niter)
         centroids = np.asarray(centroids)
         assignment = np.asarray(assignment, dtype=np.int64)
         inertia = kmeans_inertia(x, centroids, assignment)
