@@ -1,22 +1,26 @@
 """The AFTER loop end to end on a tiny synthesized corpus, and exact resume after SIGKILL.
 
-One uninterrupted run (in this process, on the session Ray) is the reference. A second run in a
-subprocess is killed with SIGKILL at three places (mid fine-tuning, mid selection, between a
-state file's temp write and its rename) and resumed each time; it must end with exactly the
-same selections, labels and metrics.
+One uninterrupted run (in this process, on the session Ray) is the reference; it also records
+every failpoint it passes. A second run in subprocesses is killed with SIGKILL at 20+ points
+drawn at random from that trace (every stage: TAPT, embedding, fine-tuning, scoring, selection,
+label writes, state writes) and resumed each time; it must end with exactly the same
+selections, labels and metrics, and a clean `after-ray check`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tiny_run import TINY, outcome, synth_corpus, tiny_config_file
 
+from after_ray import faults
 from after_ray.al.state import RunState, check_run_dir
 from after_ray.config import load_config
 from after_ray.manifest import read_manifest
@@ -24,73 +28,30 @@ from after_ray.runner import run_active_learning
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = {
-    "run": {"name": "tiny", "seed": 3},
-    "corpus": {
-        "name": "synth",
-        "synth": {"n_speakers": 6, "utterances_per_emotion": 3, "seed": 1},
-        "split": {"method": "speaker", "val_fraction": 0.17, "test_fraction": 0.17, "seed": 0},
-    },
-    "tapt": {"steps": 8, "warmup_steps": 2, "checkpoint_every": 4, "batch_size": 8},
-    "finetune": {"epochs": 2, "batch_size": 8},
-    "al": {
-        "strategy": "after",
-        "cold_start": "after_init",
-        "mc_dropout_samples": 2,
-        "budget": {"unit": "fraction", "initial": 0.25, "per_round": 0.25, "max_total": 0.75},
-    },
-    "ray": {"num_workers": 0, "scoring_batch_size": 8},
-}
-
-
-def tiny_config_file(tmp: Path, corpus_root: Path) -> Path:
-    data = json.loads(json.dumps(TINY))
-    data["run"]["output_dir"] = str(tmp / "runs")
-    data["corpus"]["root"] = str(corpus_root)
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def outcome(run_dir: Path) -> dict:
-    """Everything acquired: selections per round, labels, and test metrics."""
-    with RunState.open(run_dir) as state:
-        rounds = state.rounds()
-        return {
-            "selections": {r: state.selection(r) for r in rounds},
-            "labels": {
-                u: (e["label"], e.get("votes"), e["round"]) for u, e in state.labels().items()
-            },
-            "ua": {r: state.metrics(r)["test"]["ua"] for r in rounds},
-            "confusion": {r: state.metrics(r)["test"]["confusion"] for r in rounds},
-        }
-
 
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory):
-    from after_ray.corpora.synth import synthesize_corpus
-
-    s = TINY["corpus"]["synth"]
-    root = tmp_path_factory.mktemp("corpus") / "synth"
-    return synthesize_corpus(
-        root,
-        n_speakers=s["n_speakers"],
-        utterances_per_emotion=s["utterances_per_emotion"],
-        seed=s["seed"],
-    )
+    return synth_corpus(tmp_path_factory.mktemp("corpus") / "synth")
 
 
 @pytest.fixture(scope="module")
 def reference(ray_session, corpus_root, tmp_path_factory):
+    """The uninterrupted run, with the trace of every failpoint it passed."""
     tmp = tmp_path_factory.mktemp("reference")
     config = load_config(tiny_config_file(tmp, corpus_root))
-    result = run_active_learning(config)
+    trace = tmp / "failpoints.trace"
+    os.environ[faults.TRACE_ENV] = str(trace)
+    try:
+        result = run_active_learning(config)
+    finally:
+        del os.environ[faults.TRACE_ENV]
     assert result.finished
-    return config.run_dir
+    return config.run_dir, trace.read_text().split()
 
 
 @pytest.mark.slow
 def test_a_tiny_run_goes_end_to_end(reference):
+    reference, _trace = reference
     got = outcome(reference)
     sizes = [len(s) for s in got["selections"].values()]
     assert sizes == [12, 12, 12]  # 25% steps of a 48-utterance pool, to 75%
@@ -108,28 +69,104 @@ def test_a_tiny_run_goes_end_to_end(reference):
     assert info["strategy"] == "after" and info["pool_size"] == 48
 
 
+# Which stage a failpoint belongs to, for the harness's coverage rule.
+CATEGORIES = {
+    "prepare": ("stage:prepare",),
+    "tapt": ("stage:tapt", "tapt_step", "tapt_checkpoint"),
+    "embedding": ("stage:embed_model", "stage:embed"),
+    "fine-tuning": ("stage:finetune", "finetune_step", "finetune_epoch", "finetune_checkpoint"),
+    "scoring": ("stage:score_pool", "stage:score_test", "score"),
+    "selection": ("stage:select", "select:0", "select:1", "select:2"),
+    "labels": ("stage:label", "label_append"),
+    "state writes": ("state_write", "dir_staged", "dir_swap"),
+}
+CATEGORY_OF = {name: cat for cat, names in CATEGORIES.items() for name in names}
+N_KILLS = int(os.environ.get("AFTER_RAY_CRASH_KILLS", "22"))
+
+
+def kill_plan(trace: list[str], n_kills: int, seed: int) -> list[tuple[str, int]]:
+    """Random kill points over the reference trace, at least one in every category.
+
+    Each point is ``(name, k)``: die at the k-th time ``name`` is reached *in that process*, k
+    counted in the reference trace since the previous point. A resumed process restarts at or
+    before the previous kill and then follows the reference trace (every stage is
+    deterministic), so it is certain to reach its point, and dies at or before its planned
+    position.
+    """
+    rng = random.Random(seed)
+    unknown = sorted({name for name in trace if name not in CATEGORY_OF})
+    assert not unknown, f"failpoints without a category: {unknown}"
+    by_category: dict[str, list[int]] = {}
+    for position, name in enumerate(trace):
+        by_category.setdefault(CATEGORY_OF[name], []).append(position)
+    positions = {rng.choice(places) for places in by_category.values()}
+    rest = [p for p in range(len(trace)) if p not in positions]
+    positions |= set(rng.sample(rest, max(0, n_kills - len(positions))))
+    plan, previous = [], -1
+    for position in sorted(positions):
+        name = trace[position]
+        plan.append((name, trace[previous + 1 : position + 1].count(name)))
+        previous = position
+    return plan
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_killed_three_times_then_resumed_equals_uninterrupted(reference, corpus_root, tmp_path):
+@pytest.mark.timeout(1200)
+def test_killed_at_random_points_then_resumed_equals_uninterrupted(
+    ray_session, reference, corpus_root, tmp_path
+):
+    """SIGKILL the driver at 20+ random points over every stage; the end equals the reference.
+
+    ``AFTER_RAY_CRASH_SEED`` / ``AFTER_RAY_CRASH_KILLS`` draw another plan (the default is fixed
+    so CI is reproducible). The killed drivers join the session's Ray, as ``ray job submit``
+    drivers join a cluster.
+    """
+    reference_dir, trace = reference
+    seed = int(os.environ.get("AFTER_RAY_CRASH_SEED", "7"))
+    plan = kill_plan(trace, N_KILLS, seed)
+    assert len(plan) >= min(20, len(trace))
     config_file = tiny_config_file(tmp_path, corpus_root)
     run_dir = load_config(config_file).run_dir
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+    }
     command = [sys.executable, "-m", "after_ray", "run", "--config", str(config_file)]
-    for point in ("finetune_epoch@2", "select:1", "state_write@3"):
+    print("kill plan:", plan)  # shown with the failure output
+    died_in: list[str] = []
+    for name, count in plan:
+        process_trace = tmp_path / f"trace-{len(died_in)}"
         proc = subprocess.run(
             command,
-            env={**env, "AFTER_RAY_FAILPOINT": point},
+            env={
+                **env,
+                faults.ENV: f"{name}@{count}",
+                faults.TRACE_ENV: str(process_trace),
+            },
             cwd=REPO,
             capture_output=True,
             text=True,
             timeout=400,
         )
-        assert proc.returncode == -9, (point, proc.returncode, proc.stderr[-3000:])
+        assert proc.returncode == -9, (name, count, proc.returncode, proc.stderr[-3000:])
+        assert process_trace.read_text().split()[-1] == name  # it died where it was told
+        died_in.append(CATEGORY_OF[name])
+        # Between kills, the directory is always one a resume can continue: only the leftovers
+        # of the interrupted write itself, which the resume cleans up.
+        for problem in check_run_dir(run_dir):
+            assert "interrupted" in problem or "does not exist" in problem, problem
+    missing = set(CATEGORIES) - set(died_in) - {"prepare"}
+    assert not missing, f"no kill in {missing}; plan {plan}"
+
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert outcome(run_dir) == outcome(reference)
+    assert outcome(run_dir) == outcome(reference_dir)
     assert check_run_dir(run_dir) == []
+    # No label lost or written twice: one line per labeled item, all of them selected.
+    lines = (run_dir / "labels.jsonl").read_text().splitlines()
+    ids = [json.loads(line)["utt_id"] for line in lines]
+    assert len(ids) == len(set(ids)) == 36
 
 
 @pytest.mark.slow
