@@ -1,6 +1,7 @@
-"""TAPT and fine-tuning on Ray Train: a real 2-worker DDP run, exact resume of a killed TAPT
-run, and fine-tuning that learns the synthesized emotions (better than chance on held-out
-speakers)."""
+"""TAPT and fine-tuning on Ray Train: a real 2-worker DDP run that loses a worker and resumes
+from its checkpoint to the same weights, exact resume of a killed TAPT driver, a fine-tuning
+worker killed mid-epoch that resumes from its epoch checkpoint, and fine-tuning that learns the
+synthesized emotions (better than chance on held-out speakers)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from after_ray import faults
 from after_ray.config import load_config
 from after_ray.corpora import load_corpus
 from after_ray.corpora.synth import synthesize_corpus
@@ -52,19 +54,38 @@ def weights(model_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+def weights_of(classifier_dir: Path) -> dict[str, np.ndarray]:
+    return load_file(str(classifier_dir / "classifier.safetensors"))
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_two_worker_ddp_tapt_run(ray_session, small_corpus, tmp_path):
+@pytest.mark.timeout(400)
+def test_two_worker_ddp_tapt_survives_a_worker_killed_mid_run(
+    ray_session, small_corpus, tmp_path, monkeypatch
+):
+    """A real 2-worker DDP run; then the same run with one worker SIGKILLed once after step 3:
+    FailureConfig restarts the group, it resumes from the step-2 checkpoint, same weights."""
     config = tapt_config(4)
-    ray_cfg = dataclasses.replace(config.ray, num_workers=2)
-    summary = run_tapt(
-        rows=small_corpus[:32], tapt=config.tapt, backbone=config.backbone, audio=config.audio,
-        ray_cfg=ray_cfg, storage_path=tmp_path / "ray", name="ddp", out_dir=tmp_path / "model",
-    )
+    ray_cfg = dataclasses.replace(config.ray, num_workers=2, max_failures=1)
+    common = dict(rows=small_corpus[:32], tapt=config.tapt, backbone=config.backbone,
+                  audio=config.audio, ray_cfg=ray_cfg)
+    summary = run_tapt(**common, storage_path=tmp_path / "ray", name="ddp",
+                       out_dir=tmp_path / "model")
     assert summary["steps"] == 4 and len(summary["loss_history"]) == 4
-    assert all(np.isfinite(summary["loss_history"]))
+    assert all(np.isfinite(summary["loss_history"])) and summary["resumed_from_step"] == 0
     trained = weights(tmp_path / "model")
     assert trained and all(np.isfinite(v).all() for v in trained.values())
+
+    marker = tmp_path / "worker-killed"
+    monkeypatch.setenv(faults.ENV, "tapt_step@3")  # after the 3rd batch, one worker only
+    monkeypatch.setenv(faults.ONCE_ENV, str(marker))
+    summary = run_tapt(**common, storage_path=tmp_path / "ray-killed", name="ddp",
+                       out_dir=tmp_path / "model-killed")
+    assert marker.exists()  # a worker really died
+    assert summary["steps"] == 4 and summary["resumed_from_step"] == 2
+    again = weights(tmp_path / "model-killed")
+    for key in trained:
+        np.testing.assert_array_equal(trained[key], again[key], err_msg=key)
 
 
 @pytest.mark.slow
@@ -141,3 +162,43 @@ def test_finetuning_the_tiny_preset_beats_chance_on_held_out_speakers(
         y_pred += out["probs"].argmax(axis=1).tolist()
     report = classification_report(np.array(y_true), np.array(y_pred), classes)
     assert report["ua"] > 0.40, report  # chance is 0.25 on these 4 balanced classes
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_finetune_worker_killed_mid_epoch_resumes_from_its_epoch_checkpoint(
+    ray_session, small_corpus, tmp_path, monkeypatch
+):
+    """One Ray Train worker (its own process) is SIGKILLed in epoch 2; FailureConfig restarts
+    it, it continues from the epoch-1 checkpoint and ends with the weights of an uninterrupted
+    run (the same loop run in the driver: Ray Train's local mode, world size 1 as well)."""
+    classes = ["angry", "happy", "neutral", "sad"]
+    speakers = sorted({r["speaker"] for r in small_corpus})
+    train = [r for r in small_corpus if r["speaker"] in speakers[:3]]
+    val = [r for r in small_corpus if r["speaker"] == speakers[3]]
+    config = load_config(None, ["finetune.epochs=3", "finetune.early_stopping_patience=0",
+                                "finetune.batch_size=8"])
+    steps_per_epoch = -(-len(train) // 8)
+
+    def fine_tune(num_workers: int, name: str) -> dict:
+        ray_cfg = dataclasses.replace(config.ray, num_workers=num_workers, max_failures=1)
+        return run_finetune(
+            train_rows=train, val_rows=val, class_names=classes, finetune_cfg=config.finetune,
+            backbone=config.backbone, audio=config.audio, ray_cfg=ray_cfg,
+            storage_path=tmp_path / "ray", name=name, out_dir=tmp_path / name,
+        )
+
+    reference = fine_tune(0, "local")
+    marker = tmp_path / "worker-killed"
+    # Mid epoch 2 (the second epoch, index 1): after its second batch.
+    monkeypatch.setenv(faults.ENV, f"finetune_step@{steps_per_epoch + 2}")
+    monkeypatch.setenv(faults.ONCE_ENV, str(marker))
+    summary = fine_tune(1, "worker")
+    assert marker.exists()
+    assert summary["resumed_from_epoch"] == 1
+    assert [h["train_loss"] for h in summary["history"]] == [
+        h["train_loss"] for h in reference["history"]
+    ]
+    a, b = weights_of(tmp_path / "local"), weights_of(tmp_path / "worker")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

@@ -265,6 +265,8 @@ def tapt_worker_loop(loop_config: dict) -> dict:
         "steps": summary["steps"],
         "loss_history": summary["loss_history"],
         "seconds": summary["seconds"],
+        # > 0 when this attempt continued from a checkpoint (a restarted worker group or driver).
+        "resumed_from_step": int(start_state["step"]) if start_state else 0,
     }
 
 
@@ -434,6 +436,7 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         "stopped_early": result.stopped_early,
         "timings": result.timings,
         "n_train": len(loop_config["train_rows"]),
+        "resumed_from_epoch": int(start_state["next_epoch"]) if start_state else 0,
     }
     writer.report(
         {"best_val_ua": result.best_val_ua},
