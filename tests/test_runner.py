@@ -223,7 +223,23 @@ def test_human_oracle_round_trip_through_the_cli(ray_session, corpus_root, tmp_p
         writer.writerow(["utt_id", "path", "duration_s", "label"])
         for r in rows:
             writer.writerow([r["utt_id"], r["path"], r["duration_s"], truth[r["utt_id"]]])
+    # The import is killed mid-write (half of its batch on disk, the last line torn); the same
+    # command again completes it, with every label stored exactly once.
+    killed = subprocess.run(
+        [sys.executable, "-m", "after_ray", "label", "import", str(run_dir), str(good)],
+        env={**os.environ, faults.ENV: "label_append"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    torn = labels_file.read_bytes()
+    assert len(torn) > len(before) and not torn.endswith(b"\n")
+    assert any("torn" in p or "unterminated" in p for p in check_run_dir(run_dir))
     assert main(["label", "import", str(run_dir), str(good)]) == 0
+    lines = labels_file.read_text().splitlines()
+    assert sorted(json.loads(line)["utt_id"] for line in lines) == sorted(r["utt_id"] for r in rows)
     assert main(["run", "--config", str(config_file)]) == 0  # trains round 0, selects round 1
     assert (run_dir / "rounds" / "round_000" / "metrics.json").is_file()
     assert (run_dir / "labeling" / "round_001_to_label.csv").is_file()
