@@ -162,7 +162,7 @@ def atomic_write_parquet(table: Any, path: str | Path, *, what: str | None = Non
 _FOREIGN_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def _as_os_error(exc: BaseException) -> OSError | None:
+def as_os_error(exc: BaseException) -> OSError | None:
     """``exc`` as an OSError when it is one, or a library's wrapper that names the errno."""
     if isinstance(exc, OSError):
         return exc
@@ -204,7 +204,7 @@ def staged_directory(out_dir: str | Path, *, what: str | None = None) -> Iterato
         else:
             staging.rename(out)
     except BaseException as exc:
-        os_error = _as_os_error(exc)
+        os_error = as_os_error(exc)
         if os_error is not None:
             raise write_failure(out, what or f"the directory {out.name}", os_error) from exc
         raise

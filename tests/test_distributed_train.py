@@ -202,3 +202,42 @@ def test_finetune_worker_killed_mid_epoch_resumes_from_its_epoch_checkpoint(
     a, b = weights_of(tmp_path / "local"), weights_of(tmp_path / "worker")
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_disk_full_at_a_training_checkpoint_is_a_clear_error_and_the_run_resumes(
+    ray_session, small_corpus, tmp_path, monkeypatch
+):
+    """The second TAPT checkpoint hits a full disk: a RunStateError saying so, no partial
+    checkpoint left, the first one intact; once there is room, the same call resumes from it."""
+    import errno
+
+    from after_ray.distributed.train import local_checkpoint_dir
+    from after_ray.errors import RunStateError
+    from after_ray.training import tapt as tapt_module
+
+    config = tapt_config(6, "ray.num_workers=0")
+    real_save = tapt_module.save_tapt_state
+    calls = []
+
+    def save_on_a_disk_that_fills(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, path)
+
+    monkeypatch.setattr(tapt_module, "save_tapt_state", save_on_a_disk_that_fills)
+    common = dict(rows=small_corpus[:16], tapt=config.tapt, backbone=config.backbone,
+                  audio=config.audio, ray_cfg=config.ray, storage_path=tmp_path / "ray",
+                  name="full", out_dir=tmp_path / "model")
+    with pytest.raises(RunStateError, match="No space left on device") as info:
+        run_tapt(**common)
+    assert "untouched" in str(info.value) and "resume" in str(info.value)
+    kept = sorted(p.name for p in local_checkpoint_dir(tmp_path / "ray", "full").iterdir())
+    assert kept == ["000000"]  # the step-2 checkpoint, and no partial one
+    assert not (tmp_path / "model").exists()
+
+    monkeypatch.setattr(tapt_module, "save_tapt_state", real_save)
+    summary = run_tapt(**common)
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 6

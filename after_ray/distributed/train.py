@@ -33,9 +33,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from after_ray import faults
-from after_ray.atomic import staged_directory
+from after_ray.atomic import as_os_error, staged_directory, write_failure
 from after_ray.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
+from after_ray.errors import AfterRayError
 from after_ray.faults import failpoint
 from after_ray.models.settings import BackboneConfig, TaptConfig
 from after_ray.training.finetune_settings import FinetuneConfig
@@ -106,8 +107,32 @@ def _fit(loop, loop_config: dict, *, name: str, storage_path, ray_cfg):
     )
     result = trainer.fit()
     if result.error is not None:
+        # A message meant for the user (disk full while checkpointing, a damaged checkpoint)
+        # reaches them as it is, not inside Ray's wrapper and its traceback.
+        user_error = _user_facing_cause(result.error)
+        if user_error is not None:
+            raise user_error from result.error
         raise result.error
     return result
+
+
+def _user_facing_cause(error: BaseException) -> AfterRayError | None:
+    """The first ``AfterRayError`` in ``error``'s chain or in Ray's per-worker failures."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [error]
+    while pending:
+        exc = pending.pop(0)
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, AfterRayError):
+            return exc
+        nested = [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict):
+            nested.extend(failures.values())
+        pending.extend(e for e in nested if isinstance(e, BaseException))
+    return None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -164,10 +189,18 @@ class CheckpointWriter:
             final = self.root / f"{seq:06d}"
             partial = self.root / f"{seq:06d}.partial"
             shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            for name, writer in files.items():
-                writer(partial / name)
-            os.replace(partial, final)
+            try:
+                partial.mkdir(parents=True)
+                for name, writer in files.items():
+                    writer(partial / name)
+                os.replace(partial, final)
+            except BaseException as exc:
+                # The checkpoints already written stay as they are; a resume starts from them.
+                shutil.rmtree(partial, ignore_errors=True)
+                os_error = as_os_error(exc)
+                if os_error is not None:
+                    raise write_failure(final, "a training checkpoint", os_error) from exc
+                raise
             checkpoint = Checkpoint.from_directory(str(final))
         ray.train.report(metrics, checkpoint=checkpoint)
         if self.rank == 0:
