@@ -161,7 +161,7 @@ def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names
         from after_ray.models.classifier_io import save_classifier
         from after_ray.training.finetune import build_classifier
 
-        failpoint("stage:embed")
+        failpoint("stage:embed_model")
         backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.run.seed)
@@ -178,7 +178,7 @@ def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_ind
     from after_ray.distributed.scoring import score_rows
 
     _ray(config)
-    failpoint(f"stage:score_{tag}")
+    failpoint(f"stage:{stage or 'score_' + tag}")
     with state.timed(stage or f"score_{tag}", round_index):
         return score_rows(
             rows,
