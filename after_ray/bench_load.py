@@ -20,12 +20,20 @@ Per phase it records the wall time and the peak resident memory *of that phase* 
 resetting it through ``/proc/self/clear_refs`` at the phase start; where that is not allowed the
 figure is the process peak so far). The numpy core is all it imports: no torch, no Ray.
 
-``python -m after_ray.bench_load --n 200000 --d 128 --k 2000`` prints the table.
+The baseline, in a second subprocess that imports the same modules and reads the same shards:
+the whole-table reader (``pyarrow.parquet.read_table`` per field, ``to_numpy`` of the vector
+column, ``np.stack``, rows sorted by ``utt_id`` and the other fields aligned through a dict), then
+the same ``PoolView``. Its read phase is timed and measured the same way as ours, and the arrays
+both readers produce must be identical (a digest of ids and matrices is compared).
+
+``after-ray bench load`` (or ``python -m after_ray.bench_load``; defaults n=200,000, d=128,
+k=2,000, two rounds) prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -46,6 +54,9 @@ _MARK = "LOAD_BENCH_RESULT "
 _CHUNK_ROWS = 50_000
 _BLOB_ROWS = 1_000
 STRATEGIES = ("after", "coreset")
+FIELDS = ("embedding", "penultimate", "probs")
+READ_PHASE = "read shards + pool"
+BASELINE_NAME = "read_table + to_numpy + np.stack"
 
 
 # ---------------------------------------------------------------------------- memory and time
@@ -71,12 +82,14 @@ class _Phases:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self.peak_resets &= _reset_peak()
+        rss_before = _status_kb("VmRSS") / 1024
         start = time.perf_counter()
         yield
         self.rows.append(
             {
                 "phase": name,
                 "seconds": time.perf_counter() - start,
+                "rss_before_mb": rss_before,
                 "peak_rss_mb": _status_kb("VmHWM") / 1024,
                 "rss_after_mb": _status_kb("VmRSS") / 1024,
             }
@@ -100,7 +113,9 @@ def _write_pool(out: Path, n: int, d: int, n_classes: int, seed: int) -> np.ndar
     n_blobs = max(2, n // _BLOB_ROWS)
     centers = rng.standard_normal((n_blobs, d), dtype=np.float32)
     blob_logits = rng.standard_normal((n_blobs, n_classes)).astype(np.float32) * 3
-    projection = rng.standard_normal((d, max(1, d // 2)), dtype=np.float32) / np.sqrt(d)
+    # float32 throughout (a float64 scalar here would make the penultimate shards float64).
+    projection = rng.standard_normal((d, max(1, d // 2)), dtype=np.float32)
+    projection /= np.float32(np.sqrt(d))
     truth = np.empty(n, dtype=np.int16)
     for shard, start in enumerate(range(0, n, _CHUNK_ROWS)):
         m = min(n, start + _CHUNK_ROWS) - start
@@ -140,15 +155,89 @@ def _read_pool(out: Path, n_classes: int):
     return ids.astype(str), embeddings, penultimate, probs
 
 
+def _read_pool_baseline(out: Path, n_classes: int):
+    """The baseline reader: every field's shards as one Arrow table, its vector column turned
+    into an object array of per-row arrays and stacked, rows sorted by utt_id, and the other
+    two fields aligned to those ids through a dict (what a first implementation looks like)."""
+    import pyarrow.parquet as pq
+
+    fields = {}
+    for field in FIELDS:
+        table = pq.read_table(out / field)
+        field_ids = np.asarray(table.column("utt_id").to_pylist(), dtype=object)
+        matrix = np.stack(table.column(field).to_numpy(zero_copy_only=False))
+        matrix = matrix.astype(np.float32, copy=False)  # the pool's dtype, as ours reads it
+        fields[field] = (field_ids, matrix)
+        del table
+    emb_ids, embeddings = fields["embedding"]
+    order = np.argsort(emb_ids.astype(str), kind="stable")
+    ids = emb_ids[order]
+    embeddings = embeddings[order]
+    aligned = []
+    for field in ("penultimate", "probs"):
+        field_ids, matrix = fields[field]
+        row_of = {u: i for i, u in enumerate(field_ids.tolist())}
+        aligned.append(matrix[np.fromiter((row_of[u] for u in ids), np.int64, count=len(ids))])
+    penultimate, probs = aligned
+    if probs.shape[1] != n_classes:
+        raise RuntimeError(f"probs have {probs.shape[1]} classes, expected {n_classes}")
+    return ids.astype(str), embeddings, penultimate, probs
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    """One hash over the ids and matrices: both readers must produce exactly the same pool."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes() if array.dtype.kind != "U" else "\n".join(array).encode())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------- child side
 
 
-def _child(spec: dict) -> dict:
-    # Imported before the first phase, so that no phase is charged for importing FAISS.
+def _import_selection_modules():
+    # Both children import these before their first phase, so that no phase is charged for
+    # importing FAISS or Arrow and their baseline RSS is the same.
+    import pyarrow.parquet  # noqa: F401
+
+    import after_ray.al.embedding_store  # noqa: F401
     import after_ray.al.kcenter  # noqa: F401
     from after_ray.al.pool import PoolView
     from after_ray.al.state import RunState
     from after_ray.al.strategies import get_strategy
+
+    return PoolView, RunState, get_strategy
+
+
+def _baseline_child(spec: dict) -> dict:
+    """The baseline reader over the shards ``_child`` wrote, measured like our read phase."""
+    PoolView, _, _ = _import_selection_modules()
+    n = spec["n"]
+    out = Path(spec["out_dir"])
+    baseline_mb = _status_kb("VmRSS") / 1024
+    phases = _Phases()
+    with phases.phase(READ_PHASE):
+        ids, embeddings, penultimate, probs = _read_pool_baseline(out / "scores", spec["n_classes"])
+        PoolView(
+            utt_ids=ids,
+            labeled=np.zeros(n, dtype=bool),
+            probs=probs,
+            embeddings=embeddings,
+            penultimate=penultimate,
+        )
+    return {
+        "name": BASELINE_NAME,
+        "phases": phases.rows,
+        "per_phase_peaks": phases.peak_resets,
+        "baseline_rss_mb": baseline_mb,
+        "read_digest": _digest(ids, embeddings, penultimate, probs),
+    }
+
+
+def _child(spec: dict) -> dict:
+    PoolView, RunState, get_strategy = _import_selection_modules()
 
     n, d, n_classes, k = spec["n"], spec["d"], spec["n_classes"], spec["k"]
     rounds, seed = spec["rounds"], spec["seed"]
@@ -159,7 +248,7 @@ def _child(spec: dict) -> dict:
 
     with phases.phase("write shards"):
         truth = _write_pool(out / "scores", n, d, n_classes, seed)
-    with phases.phase("read shards + pool"):
+    with phases.phase(READ_PHASE):
         ids, embeddings, penultimate, probs = _read_pool(out / "scores", n_classes)
         pool = PoolView(
             utt_ids=ids,
@@ -170,6 +259,7 @@ def _child(spec: dict) -> dict:
         )
         # The simulated oracle answers by utt_id: the generation index is in the id.
         index_of = np.fromiter((int(u[-7:]) for u in ids), dtype=np.int64, count=n)
+    read_digest = _digest(ids, embeddings, penultimate, probs)  # outside the timed phase
     classes = [f"class{c}" for c in range(n_classes)]
 
     selections: dict[str, list[list[str]]] = {}
@@ -216,10 +306,44 @@ def _child(spec: dict) -> dict:
             for name, sel in selections.items()
         },
         "run_dirs": run_dirs,
+        "read_digest": read_digest,
     }
 
 
 # ---------------------------------------------------------------------------- parent side
+
+
+def _read_comparison(result: dict) -> list[str]:
+    """Our read phase against the baseline reader's, as printed lines."""
+    base = result.get("baseline")
+    if base is None:
+        return []
+    ours = next(r for r in result["phases"] if r["phase"] == READ_PHASE)
+    theirs = next(r for r in base["phases"] if r["phase"] == READ_PHASE)
+    pool_mb = result["pool_arrays_mb"]
+    w = 44
+    lines = [
+        "",
+        f"read shards -> pool ({pool_mb:.0f} MB of pool arrays), ours vs the baseline reader, "
+        "each in its own process:",
+        f"{'method':<{w}} {'time (s)':>9} {'peak RSS (MB)':>14} {'peak - RSS at start (MB)':>25}",
+    ]
+    for label, row in (
+        ("ours (batches into preallocated arrays)", ours),
+        (f"baseline ({base['name']})", theirs),
+    ):
+        lines.append(
+            f"{label:<{w}} {row['seconds']:>9.2f} {row['peak_rss_mb']:>14.0f} "
+            f"{row['peak_rss_mb'] - row['rss_before_mb']:>25.0f}"
+        )
+    speedup = theirs["seconds"] / ours["seconds"] if ours["seconds"] > 0 else float("inf")
+    lines.append(
+        f"speed-up: {speedup:.1f}x   check: same pool arrays from both readers: "
+        f"{result['read_equal']}"
+    )
+    if not base["per_phase_peaks"]:
+        lines.append("(this kernel does not reset VmHWM: the baseline's peak is cumulative)")
+    return lines
 
 
 def format_table(result: dict) -> str:
@@ -243,7 +367,23 @@ def format_table(result: dict) -> str:
     )
     if not result["per_phase_peaks"]:
         lines.append("(this kernel does not reset VmHWM: peaks are cumulative)")
+    lines += _read_comparison(result)
     return "\n".join(lines)
+
+
+def _run_child(spec: dict, timeout: float | None) -> dict:
+    cmd = [sys.executable, "-m", "after_ray.bench_load", "--child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MARK):
+            result = json.loads(line[len(_MARK) :])
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(
+            f"load benchmark child ({spec['role']}) failed (exit {proc.returncode}):\n"
+            f"{proc.stderr[-4000:]}"
+        )
+    return result
 
 
 def run_load_benchmark(
@@ -255,13 +395,17 @@ def run_load_benchmark(
     out_dir: str | os.PathLike | None = None,
     *,
     seed: int = 0,
+    baseline: bool = True,
     print_table: bool = True,
     timeout: float | None = None,
 ) -> dict:
     """Run the load benchmark in a subprocess; returns (and prints) the figures.
 
-    ``out_dir`` keeps the shards and the two run directories (``runs/after``, ``runs/coreset``);
-    None uses a temporary directory removed afterwards.
+    ``baseline`` also runs the baseline reader over the same shards in a second subprocess
+    (``result["baseline"]``; ``result["read_equal"]`` says whether both readers gave the same
+    pool). ``out_dir`` keeps the shards and the two run directories (``runs/after``,
+    ``runs/coreset``); None uses a temporary directory removed afterwards. ``timeout`` applies
+    to each subprocess.
     """
     if min(n, d, k, rounds) < 1 or n_classes < 2:
         raise ValueError("n, d, k and rounds must be >= 1 and n_classes >= 2")
@@ -272,16 +416,10 @@ def run_load_benchmark(
             "n": n, "d": d, "n_classes": n_classes, "k": k, "rounds": rounds, "seed": seed,
             "out_dir": str(Path(out_dir) if out_dir is not None else Path(tmp)),
         }  # fmt: skip
-        cmd = [sys.executable, "-m", "after_ray.bench_load", "--child", json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        result = None
-        for line in proc.stdout.splitlines():
-            if line.startswith(_MARK):
-                result = json.loads(line[len(_MARK) :])
-        if proc.returncode != 0 or result is None:
-            raise RuntimeError(
-                f"load benchmark child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-            )
+        result = _run_child({**spec, "role": "ours"}, timeout)
+        if baseline:
+            result["baseline"] = _run_child({**spec, "role": "baseline"}, timeout)
+            result["read_equal"] = result["baseline"]["read_digest"] == result["read_digest"]
     if print_table:
         print(format_table(result))
     return result
@@ -297,12 +435,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline reader")
     args = parser.parse_args(argv)
     if args.child:
-        print(_MARK + json.dumps(_child(json.loads(args.child))), flush=True)
+        spec = json.loads(args.child)
+        result = _baseline_child(spec) if spec.get("role") == "baseline" else _child(spec)
+        print(_MARK + json.dumps(result), flush=True)
         return 0
     run_load_benchmark(
-        args.n, args.d, args.n_classes, args.k, args.rounds, args.out_dir, seed=args.seed
+        args.n,
+        args.d,
+        args.n_classes,
+        args.k,
+        args.rounds,
+        args.out_dir,
+        seed=args.seed,
+        baseline=not args.no_baseline,
     )
     return 0
 

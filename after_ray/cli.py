@@ -171,14 +171,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from after_ray.bench_select import run_select_benchmark
 
         run_select_benchmark(
-            n=args.n,
-            d=args.d,
-            k=args.k,
+            n=_or(args.n, 1_000_000),
+            d=_or(args.d, 768),
+            k=_or(args.k, 10_000),
             strategy=args.strategy,
             shards=args.shards,
             data=args.data,
             naive_picks=args.naive_picks,
         )
+        return 0
+    if args.what == "load":
+        from after_ray.bench_load import run_load_benchmark
+
+        try:
+            run_load_benchmark(
+                n=_or(args.n, 200_000),
+                d=_or(args.d, 128),
+                k=_or(args.k, 2000),
+                n_classes=args.n_classes,
+                rounds=args.rounds,
+                out_dir=args.out_dir,
+                seed=args.seed,
+            )
+        except ValueError as exc:  # sizes that cannot work (k * rounds > n, ...)
+            raise AfterRayError(f"bench load: {exc}") from None
         return 0
     if args.what == "finetune":
         from after_ray.bench_finetune import run_finetune_benchmark
@@ -188,6 +204,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     raise AfterRayError(f"unknown benchmark {args.what!r}")
+
+
+def _or(value: int | None, default: int) -> int:
+    """A bench size option: the option's value, else this benchmark's own default."""
+    return default if value is None else value
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -296,14 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = command("bench", cmd_bench, "benchmarks: our code against a baseline in the same run")
-    p.add_argument("what", choices=["audio", "select", "finetune"])
+    p.add_argument("what", choices=["audio", "select", "load", "finetune"])
     p.add_argument(
         "--n-files", type=int, default=200, help="audio: total files (alternating over the rates)"
     )
     p.add_argument("--seconds", type=float, default=3.0, help="audio: seconds per file")
-    p.add_argument("--n", type=int, default=1_000_000, help="select: pool size")
-    p.add_argument("--d", type=int, default=768, help="select: embedding dimension")
-    p.add_argument("--k", type=int, default=10_000, help="select: picks")
+    # Sizes default per benchmark (None here, resolved in cmd_bench).
+    p.add_argument(
+        "--n", type=int, default=None, help="select, load: pool size (1,000,000; load 200,000)"
+    )
+    p.add_argument(
+        "--d", type=int, default=None, help="select, load: embedding dimension (768; load 128)"
+    )
+    p.add_argument(
+        "--k", type=int, default=None, help="select, load: picks (10,000; load 2,000 per round)"
+    )
+    p.add_argument("--rounds", type=int, default=2, help="load: selection rounds per strategy")
+    p.add_argument("--n-classes", type=int, default=4, help="load: classes")
+    p.add_argument("--out-dir", help="load: keep the shards and run directories here")
+    p.add_argument("--seed", type=int, default=0, help="load: data seed")
     p.add_argument("--strategy", default="coreset", choices=["coreset", "badge", "cluster-margin"])
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--data", default="random", choices=["random", "clustered"])

@@ -1,5 +1,6 @@
 """The disk fills up (or a write fails some other way) while the run state or a checkpoint is
-being written: the previous state must stay valid and the user must be told so.
+being written: the previous state must stay valid and the user must be told so. And a checkpoint
+damaged on disk (missing, truncated, overwritten) is reported as such, naming what to delete.
 
 Simulated: ``open`` of the writing module is replaced by one whose files take ``room`` more bytes
 and then fail with ENOSPC after writing what fitted (a real short write), and ``os.fsync`` /
@@ -17,6 +18,7 @@ import builtins
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -440,6 +442,287 @@ def test_real_file_size_limit_leaves_the_run_and_checkpoint_intact(tmp_path):
 
     assert safetensors.numpy.load_file(str(model_dir / "w.safetensors"))["w"].tolist() == [1.0] * 64
     assert _siblings(model_dir) == ["run"]
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def _training_state(step: int = 7) -> dict:
+    import torch
+
+    return {
+        "format": 1,
+        "step": step,
+        "model": {"w": torch.arange(4000, dtype=torch.float32)},
+        "loss_history": [1.0, 0.5],
+    }
+
+
+@pytest.mark.parametrize("room", [0, 1, 100, 5000])
+def test_save_tapt_state_on_a_full_disk_keeps_the_previous_state(tmp_path, monkeypatch, room):
+    from after_ray.training import tapt
+
+    target = tmp_path / "000003" / "tapt_state.pt"
+    tapt.save_tapt_state(_training_state(step=3), target)
+    before = target.read_bytes()
+    monkeypatch.setattr(tapt, "open", _Disk(room).open, raising=False)
+    with pytest.raises(RunStateError) as info:
+        tapt.save_tapt_state(_training_state(), target)
+    _assert_disk_full_message(info.value, target, "the training state")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tapt_state.pt"]  # no temp file
+    monkeypatch.undo()
+    tapt.save_tapt_state(_training_state(), target)  # room again: the same call works
+    assert tapt.load_tapt_state(target)["step"] == 7
+
+
+def test_save_tapt_state_with_a_failing_fsync_keeps_the_previous_state(tmp_path, monkeypatch):
+    from after_ray.training import tapt
+
+    target = tmp_path / "tapt_state.pt"
+    tapt.save_tapt_state(_training_state(step=3), target)
+    before = target.read_bytes()
+    monkeypatch.setattr(tapt.os, "fsync", _raise(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(RunStateError) as info:
+        tapt.save_tapt_state(_training_state(), target)
+    monkeypatch.undo()
+    _assert_disk_full_message(info.value, target, "the training state")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tapt_state.pt"]
+
+
+def test_save_tapt_state_does_not_disguise_a_state_that_cannot_be_serialised(tmp_path):
+    from after_ray.training import tapt
+
+    target = tmp_path / "tapt_state.pt"
+    tapt.save_tapt_state(_training_state(step=3), target)
+    before = target.read_bytes()
+    with pytest.raises(Exception) as info:  # noqa: B017 - whatever torch.save raises
+        tapt.save_tapt_state({"step": 4, "callback": lambda: None}, target)
+    assert not isinstance(info.value, RunStateError)  # a bug, not the disk
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tapt_state.pt"]
+
+
+def _cut(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if keep is None else keep])
+
+
+STATE_DAMAGE = {
+    "truncated": lambda p: _cut(p),
+    "last_byte_missing": lambda p: _cut(p, len(p.read_bytes()) - 1),
+    "empty": lambda p: _cut(p, 0),
+    "garbage": lambda p: p.write_bytes(b"not a torch file\n" * 100),
+    "missing": lambda p: p.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
+def test_load_tapt_state_of_a_damaged_file_names_it(tmp_path, damage):
+    from after_ray.training.tapt import load_tapt_state, save_tapt_state
+
+    target = save_tapt_state(_training_state(), tmp_path / "000004" / "tapt_state.pt")
+    STATE_DAMAGE[damage](target)
+    with pytest.raises(RunStateError) as info:
+        load_tapt_state(target)
+    message = str(info.value)
+    assert str(target) in message, message
+    assert f"delete the checkpoint directory {str(target.parent)!r}" in message, message
+    assert ("missing" if damage == "missing" else "corrupt") in message, message
+
+
+def test_load_tapt_state_refuses_a_file_that_is_not_a_state_dict(tmp_path):
+    import torch
+
+    from after_ray.training.tapt import load_tapt_state
+
+    target = tmp_path / "tapt_state.pt"
+    torch.save([torch.ones(2)], target)  # loads fine with weights_only, but is no state
+    with pytest.raises(RunStateError, match="holds a list, not a state dict"):
+        load_tapt_state(target)
+
+
+# --------------------------------------------------------------------------- classifier checkpoint
+
+
+@pytest.fixture(scope="module")
+def saved_classifier(tmp_path_factory):
+    """A tiny two-class classifier saved by save_classifier, and its eval-mode outputs."""
+    import torch
+
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier_io import save_classifier
+    from after_ray.models.settings import BackboneConfig
+    from after_ray.training.finetune import build_classifier
+    from after_ray.training.finetune_settings import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    backbone = load_backbone(BackboneConfig(name_or_path="tiny", seed=5), for_pretraining=False)
+    model = build_classifier(backbone, 2, cfg).eval()
+    out = save_classifier(
+        model, tmp_path_factory.mktemp("clf") / "model", class_names=["calm", "angry"],
+        finetune_cfg=cfg,
+    )  # fmt: skip
+    audio = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(audio, torch.ones_like(audio, dtype=torch.long))
+    return out, audio, expected
+
+
+def _logits(output):
+    return output["logits"] if isinstance(output, dict) else getattr(output, "logits", output)
+
+
+def _other_weights(d: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"head.weight": torch.ones(3, 3)}, str(d / "classifier.safetensors"))
+
+
+CLASSIFIER_DAMAGE = {
+    "weights_missing": (
+        lambda d: (d / "classifier.safetensors").unlink(),
+        "classifier.safetensors is missing",
+    ),
+    "weights_truncated": (
+        lambda d: _cut(d / "classifier.safetensors"),
+        "classifier.safetensors is corrupt or truncated",
+    ),
+    "weights_garbage": (
+        lambda d: (d / "classifier.safetensors").write_bytes(b"\xff" * 64),
+        "classifier.safetensors is corrupt or truncated",
+    ),
+    "weights_of_another_model": (_other_weights, "does not match the model"),
+    "backbone_weights_truncated": (
+        lambda d: _cut(d / "backbone" / "model.safetensors"),
+        "model.safetensors is corrupt or truncated",
+    ),
+    "backbone_missing": (lambda d: shutil.rmtree(d / "backbone"), "backbone/config.json"),
+    "meta_incomplete": (
+        lambda d: (d / "classifier.json").write_text('{"class_names": ["calm", "angry"]}'),
+        "classifier.json lacks",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CLASSIFIER_DAMAGE))
+def test_load_classifier_of_a_damaged_checkpoint_names_it(saved_classifier, tmp_path, damage):
+    from after_ray.models.classifier_io import load_classifier
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_classifier[0], model_dir)
+    mutate, expected = CLASSIFIER_DAMAGE[damage]
+    mutate(model_dir)
+    with pytest.raises(RunStateError) as info:
+        load_classifier(model_dir)
+    message = str(info.value)
+    assert str(model_dir) in message and expected in message, message
+    assert "Delete that directory" in message and "retrains that round" in message, message
+
+
+def test_an_intact_classifier_checkpoint_loads_and_predicts_the_same(saved_classifier, tmp_path):
+    """The control for the damage cases: the copy they start from is a working checkpoint."""
+    import torch
+
+    from after_ray.models.classifier_io import load_classifier, verify_classifier_dir
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_classifier[0], model_dir)
+    verify_classifier_dir(model_dir)
+    model, class_names = load_classifier(model_dir)
+    _, audio, expected = saved_classifier
+    assert class_names == ["calm", "angry"]
+    with torch.no_grad():
+        got = model(audio, torch.ones_like(audio, dtype=torch.long))
+    assert torch.allclose(_logits(got), _logits(expected), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- checkpoints, real limit
+
+CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json, resource, signal, sys
+    from pathlib import Path
+
+    import torch
+
+    from after_ray.errors import RunStateError
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier_io import save_classifier
+    from after_ray.models.settings import BackboneConfig
+    from after_ray.training.finetune import build_classifier
+    from after_ray.training.finetune_settings import FinetuneConfig
+    from after_ray.training.tapt import save_tapt_result, save_tapt_state
+
+    root = Path(sys.argv[1])
+    tiny = BackboneConfig(name_or_path="tiny")
+    backbone = load_backbone(tiny, for_pretraining=True)
+    classifier = build_classifier(load_backbone(tiny, for_pretraining=False), 2, FinetuneConfig())
+    state = root / "ckpt" / "tapt_state.pt"
+
+    def save_model():
+        save_classifier(
+            classifier, root / "model", class_names=["a", "b"], finetune_cfg=FinetuneConfig()
+        )
+
+    save_tapt_state({"step": 0, "w": torch.ones(4)}, state)
+    save_tapt_result(backbone, root / "tapt")
+    save_model()
+
+    def digests():
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()
+        }
+
+    before = digests()
+    # The weights (~0.4 MB) cannot be written past this: short writes, then EFBIG.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))
+    outcome = {}
+
+    def attempt(name, action):
+        try:
+            action()
+        except RunStateError as exc:
+            outcome[name] = str(exc)
+
+    attempt("state", lambda: save_tapt_state({"step": 1, "model": backbone.state_dict()}, state))
+    attempt("tapt", lambda: save_tapt_result(backbone, root / "tapt"))
+    attempt("classifier", save_model)
+    every = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    print(json.dumps({"outcome": outcome, "before": before, "after": digests(), "all": every}))
+    """
+)
+
+
+def test_real_file_size_limit_keeps_training_state_and_model_checkpoints(tmp_path):
+    root = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", CHECKPOINT_LIMIT_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    outcome = report["outcome"]
+    assert sorted(outcome) == ["classifier", "state", "tapt"], outcome
+    for name, (what, path) in {
+        "state": ("the training state", root / "ckpt" / "tapt_state.pt"),
+        "tapt": ("the TAPT-adapted backbone", root / "tapt"),
+        "classifier": ("the classifier checkpoint", root / "model"),
+    }.items():
+        message = outcome[name]
+        assert what in message and repr(str(path)) in message, message
+        assert "File too large" in message and "still valid" in message, message
+    # Every previous file is byte-identical, and nothing temporary was left anywhere.
+    assert report["after"] == report["before"]
+    assert [x for x in report["all"] if any(part.startswith(".") for part in Path(x).parts)] == []
 
 
 def _raise(exc: BaseException):

@@ -1,8 +1,11 @@
 """Files a run reads that someone else may have written are never executed.
 
-- A model directory with only a pickle (``pytorch_model.bin``) is refused; the pickle's payload
-  (a ``__reduce__`` that creates a marker file) never runs.
-- A TAPT state file with such a pickle is refused by ``torch.load(weights_only=True)``.
+- A model directory with only a pickle (``pytorch_model.bin``), or whose config or shard index
+  names one, is a ConfigError saying how to convert it; the pickle's payload (a ``__reduce__``
+  that creates a marker file) never runs. The conversion command it prints works.
+- A classifier directory with pickles instead of safetensors is a RunStateError.
+- A TAPT state file with such a pickle is refused by ``torch.load(weights_only=True)``, as a
+  RunStateError naming the file.
 - ``trust_remote_code`` is never on: a checkpoint whose config.json points at a custom module
   (``auto_map``) does not import it.
 - Paths in a returned label file that escape the corpus root (``..``, absolute paths, symlinks to
@@ -17,13 +20,16 @@ from __future__ import annotations
 import ast
 import json
 import pickle
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from after_ray.al.state import LABELS_FILE, RunState
-from after_ray.errors import AfterRayError, ConfigError, LabelImportError
+from after_ray.errors import ConfigError, LabelImportError, RunStateError
 from after_ray.labeling import import_labels
 
 PACKAGE = Path(__file__).resolve().parents[1] / "after_ray"
@@ -81,27 +87,101 @@ def test_backbone_with_only_a_pickle_is_refused_without_running_it(
 
     marker = tmp_path / "PWNED"
     model_dir = _pickle_only_copy(tiny_backbone_dir, tmp_path / "m", marker, torch_format)
-    with pytest.raises((AfterRayError, pickle.UnpicklingError)) as info:
-        load_backbone(BackboneConfig(name_or_path=str(model_dir)), for_pretraining=False)
+    for for_pretraining in (False, True):
+        with pytest.raises(ConfigError, match="safetensors"):
+            load_backbone(
+                BackboneConfig(name_or_path=str(model_dir)), for_pretraining=for_pretraining
+            )
     assert not marker.exists(), "the pickle in pytorch_model.bin was executed"
-    message = str(info.value).lower()
-    assert "weights only" in message or "safetensors" in message, message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after_ray/models/backbones.py passes use_safetensors=None for a local directory "
-    "without *.safetensors, so transformers tries torch.load(weights_only=True) and its "
-    "UnpicklingError escapes (a traceback in the CLI). Fix: refuse such a directory with a "
-    "ConfigError before from_pretrained (or pass use_safetensors=True for local directories)",
-)
 def test_backbone_with_only_a_pickle_is_a_config_error(tiny_backbone_dir, tmp_path):
     from after_ray.models.backbones import load_backbone
     from after_ray.models.settings import BackboneConfig
 
     model_dir = _pickle_only_copy(tiny_backbone_dir, tmp_path / "m", tmp_path / "PWNED", True)
-    with pytest.raises(ConfigError, match="safetensors"):
+    with pytest.raises(ConfigError, match="safetensors") as info:
         load_backbone(BackboneConfig(name_or_path=str(model_dir)), for_pretraining=False)
+    message = str(info.value)
+    # What (a pickle, never unpickled), where (the directory and file) and how to fix it.
+    assert "backbone.name_or_path" in message and str(model_dir) in message, message
+    assert "pytorch_model.bin" in message and "never unpickles" in message, message
+    assert "convert it to safetensors" in message and "python -c" in message, message
+
+
+def _conversion_command(message: str) -> list[str]:
+    line = next(x.strip() for x in message.splitlines() if x.strip().startswith("python -c"))
+    argv = shlex.split(line)
+    return [sys.executable, *argv[1:]]
+
+
+def test_the_suggested_conversion_makes_a_trusted_pickle_loadable(tmp_path):
+    """The command in the error message, run as printed, gives the same model in safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from after_ray.models.backbones import load_backbone, save_backbone
+    from after_ray.models.settings import BackboneConfig
+
+    original = load_backbone(BackboneConfig(name_or_path="tiny", seed=3), for_pretraining=True)
+    # A quote and a space in the path: the command must survive the shell.
+    model_dir = save_backbone(original, tmp_path / "it's a model")
+    weights = load_file(str(model_dir / "model.safetensors"))
+    (model_dir / "model.safetensors").unlink()
+    torch.save(weights, model_dir / "pytorch_model.bin")  # a benign, trusted pickle
+
+    with pytest.raises(ConfigError) as info:
+        load_backbone(BackboneConfig(name_or_path=str(model_dir)), for_pretraining=True)
+    result = subprocess.run(
+        _conversion_command(str(info.value)), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / "model.safetensors").is_file()
+
+    converted = load_backbone(BackboneConfig(name_or_path=str(model_dir)), for_pretraining=True)
+    expected, got = original.state_dict(), converted.state_dict()
+    assert list(got) == list(expected)  # the quantizer too: the conversion kept every head
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_pickle_named_by_the_config_or_a_shard_index_is_refused(tiny_backbone_dir, tmp_path):
+    """transformers loads what config.json (transformers_weights) or a safetensors index names,
+    whatever use_safetensors says: a pickle smuggled in that way is refused too."""
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.settings import BackboneConfig
+
+    marker = tmp_path / "PWNED"
+    named = tmp_path / "named"
+    shutil.copytree(tiny_backbone_dir, named)
+    config = json.loads((named / "config.json").read_text())
+    config["transformers_weights"] = "adapter_model.bin"  # transformers lets this name through
+    (named / "config.json").write_text(json.dumps(config))
+    _write_malicious_pickle(named / "adapter_model.bin", marker, torch_format=True)
+
+    indexed = tmp_path / "indexed"
+    shutil.copytree(tiny_backbone_dir, indexed)
+    (indexed / "model.safetensors").rename(indexed / "model-00001-of-00002.safetensors")
+    _write_malicious_pickle(indexed / "model-00002-of-00002.bin", marker, torch_format=True)
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.bin"}
+    (indexed / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    for model_dir, culprit in ((named, "adapter_model.bin"), (indexed, "00002-of-00002.bin")):
+        with pytest.raises(ConfigError, match="not safetensors") as info:
+            load_backbone(BackboneConfig(name_or_path=str(model_dir)), for_pretraining=False)
+        assert culprit in str(info.value) and str(model_dir) in str(info.value)
+    assert not marker.exists(), "a pickle named by the checkpoint was executed"
+
+
+def test_backbone_directory_without_weights_is_a_config_error(tiny_backbone_dir, tmp_path):
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.settings import BackboneConfig
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_backbone_dir, model_dir)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no weights") as info:
+        load_backbone(BackboneConfig(name_or_path=str(model_dir)), for_pretraining=False)
+    assert str(model_dir) in str(info.value)
 
 
 @pytest.mark.parametrize("backbone_pickled", [False, True], ids=["head_pickled", "all_pickled"])
@@ -129,9 +209,12 @@ def test_classifier_with_pickle_weights_is_refused_without_running_it(
     # The head's weights as a pickle where classifier.safetensors belongs.
     _write_malicious_pickle(model_dir / "pytorch_model.bin", marker, torch_format=True)
     _write_malicious_pickle(model_dir / "classifier.pt", marker, torch_format=False)
-    with pytest.raises((AfterRayError, OSError, pickle.UnpicklingError)):
+    with pytest.raises(RunStateError) as info:
         load_classifier(model_dir)
     assert not marker.exists(), "a pickle of the classifier directory was executed"
+    message = str(info.value)
+    assert str(model_dir) in message and "Delete that directory" in message, message
+    assert ("backbone" if backbone_pickled else "classifier.safetensors is missing") in message
 
 
 def test_tapt_state_with_a_malicious_pickle_is_refused(tmp_path):
@@ -147,9 +230,12 @@ def test_tapt_state_with_a_malicious_pickle_is_refused(tmp_path):
     for torch_format in (True, False):
         bad = tmp_path / f"tapt_state_{torch_format}.pt"
         _write_malicious_pickle(bad, marker, torch_format=torch_format)
-        with pytest.raises(pickle.UnpicklingError, match="(?i)weights only"):
+        with pytest.raises(RunStateError, match="other than tensors") as info:
             load_tapt_state(bad)
         assert not marker.exists(), "load_tapt_state executed the pickle"
+        message = str(info.value)
+        assert str(bad) in message and "delete the checkpoint directory" in message, message
+        assert "weights_only=False" not in message  # never advise running the pickle
 
 
 # --------------------------------------------------------------------------- remote code

@@ -33,7 +33,9 @@ pre-trained checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import transformers
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     HubertConfig,
@@ -253,7 +257,8 @@ def _load_checkpoint(name: str, cfg: BackboneConfig, for_pretraining: bool) -> P
                 f"{', '.join(PRESET_NAMES)}"
             )
         source = str(local)
-        use_safetensors: bool | None = True if any(local.glob("*.safetensors")) else None
+        # A local directory is loaded from safetensors only: never fall back to a pickle.
+        use_safetensors: bool | None = True
     elif _looks_like_hub_id(name):
         source = name
         use_safetensors = None  # transformers prefers safetensors on the hub when present
@@ -272,15 +277,104 @@ def _load_checkpoint(name: str, cfg: BackboneConfig, for_pretraining: bool) -> P
             f"backbone.family: {cfg.family!r} but {name!r} is a {family} checkpoint "
             "(set backbone.family to 'auto' or to the checkpoint's family)"
         )
+    if local.is_dir():
+        _check_local_weights(local, name, config, family)
     _apply_overrides(config, cfg, for_pretraining)
     cls = model_class(family, for_pretraining=for_pretraining)
     try:
         with _seeded(cfg.seed):
             return cls.from_pretrained(source, config=config, use_safetensors=use_safetensors)
+    except SafetensorError as exc:
+        # Rust's error type, not an OSError: a truncated or overwritten weights file.
+        raise ConfigError(
+            f"backbone.name_or_path: the safetensors weights in {name!r} are corrupt or truncated "
+            f"({exc}); copy or download the checkpoint again"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"backbone.name_or_path: could not load the weights of {name!r} ({exc})"
         ) from None
+
+
+# Weight files that are pickles (torch.save / pickle): loading them could run code.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin.index.json")
+_SAFE_SUFFIXES = (".safetensors", ".safetensors.index.json")
+_SAFE_INDEX = "model.safetensors.index.json"
+
+
+def _check_local_weights(local: Path, name: str, config: PretrainedConfig, family: str) -> None:
+    """Refuse a local checkpoint unless everything transformers would load is safetensors.
+
+    Checked before ``from_pretrained`` so that no pickle in the directory is ever opened (not
+    even by ``torch.load(weights_only=True)``'s restricted unpickler), and so that the user gets
+    a ConfigError saying how to convert instead of an UnpicklingError from deep inside
+    transformers.
+    """
+    # config.json may name the weights file itself, and transformers then loads it whatever
+    # use_safetensors says (it lets "adapter_model.bin", a pickle, through).
+    explicit = getattr(config, "transformers_weights", None)
+    if explicit is not None and not str(explicit).endswith(_SAFE_SUFFIXES):
+        raise ConfigError(
+            f"backbone.name_or_path: config.json of {name!r} names {explicit!r} as its weights "
+            "file (transformers_weights), which is not safetensors; after-ray loads safetensors "
+            "only: remove that key and give the directory a model.safetensors"
+        )
+    if (local / _SAFE_INDEX).is_file() and not (local / "model.safetensors").is_file():
+        # A sharded checkpoint: every shard its index names is loaded by file name.
+        try:
+            shards = set(json.loads((local / _SAFE_INDEX).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(
+                f"backbone.name_or_path: {str(local / _SAFE_INDEX)!r} is unreadable ({exc!r}); "
+                "copy or download the checkpoint again"
+            ) from None
+        unsafe = sorted(str(s) for s in shards if not str(s).endswith(".safetensors"))
+        if unsafe:
+            raise ConfigError(
+                f"backbone.name_or_path: {str(local / _SAFE_INDEX)!r} points at weight files "
+                f"that are not safetensors ({', '.join(unsafe[:3])}); after-ray loads "
+                "safetensors only"
+            )
+    if any(local.glob("*.safetensors")):
+        return
+    pickles = sorted(
+        p.name for p in local.iterdir() if p.is_file() and p.name.endswith(_PICKLE_SUFFIXES)
+    )
+    if not pickles:
+        raise ConfigError(
+            f"backbone.name_or_path: directory {name!r} has a config.json but no weights "
+            "(model.safetensors); point it at a complete directory written by save_pretrained"
+        )
+    converter = _architecture_of(config, family)
+    where = json.dumps(str(local.resolve()))  # a Python string literal for any path
+    code = (
+        f"from transformers import {converter}; {converter}.from_pretrained({where}, "
+        f"use_safetensors=False).save_pretrained({where})"
+    )
+    raise ConfigError(
+        f"backbone.name_or_path: {name!r} holds its weights only as a pickle "
+        f"({', '.join(pickles)}), and after-ray never unpickles weights (a pickle can run "
+        "arbitrary code when loaded). If you trust where the checkpoint came from, convert it "
+        "to safetensors once (this loads the pickle with torch.load(weights_only=True)):\n"
+        f"    python -c {shlex.quote(code)}\n"
+        "then run the same command again; or use a checkpoint that ships model.safetensors"
+    )
+
+
+def _architecture_of(config: PretrainedConfig, family: str) -> str:
+    """The transformers class that loads and saves every weight of the checkpoint."""
+    # The checkpoint's own architecture keeps its heads (quantizer, CTC head) in the conversion.
+    # Only a name that transformers itself exports is used: config.json is not trusted.
+    prefixes = {"wav2vec2": "Wav2Vec2", "hubert": "Hubert", "wavlm": "WavLM"}
+    for arch in getattr(config, "architectures", None) or []:
+        if (
+            isinstance(arch, str)
+            and arch.isidentifier()
+            and arch.startswith(prefixes[family])
+            and isinstance(getattr(transformers, arch, None), type)
+        ):
+            return arch
+    return model_class(family, for_pretraining=True).__name__
 
 
 def _apply_overrides(config: PretrainedConfig, cfg: BackboneConfig, for_pretraining: bool) -> None:
@@ -392,15 +486,28 @@ def save_backbone(
     out_dir: str | os.PathLike,
     *,
     sampling_rate: int = DEFAULT_SAMPLING_RATE,
+    what: str | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory: config, safetensors weights and a
     ``Wav2Vec2FeatureExtractor`` (sampling rate, per-utterance normalisation, attention mask).
 
     The directory is written next to ``out_dir`` first and renamed into place, so a crash never
-    leaves a half-written checkpoint where a good one was.
+    leaves a half-written checkpoint where a good one was; a failed write (disk full) is a
+    ``RunStateError`` whose message calls the directory ``what``.
     """
     out = Path(out_dir)
-    with staged_directory(out) as staging:
-        unwrap(model).save_pretrained(str(staging))
-        feature_extractor_for(sampling_rate).save_pretrained(str(staging))
+    with staged_directory(out, what=what) as staging:
+        write_backbone_files(model, staging, sampling_rate=sampling_rate)
     return out
+
+
+def write_backbone_files(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    *,
+    sampling_rate: int = DEFAULT_SAMPLING_RATE,
+) -> None:
+    """``save_backbone``'s files, written straight into ``directory`` (not atomic on its own:
+    for a caller that stages the directory around it)."""
+    unwrap(model).save_pretrained(str(directory))
+    feature_extractor_for(sampling_rate).save_pretrained(str(directory))

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from after_ray.atomic import staged_directory
-from after_ray.errors import RunStateError
-from after_ray.models.backbones import load_backbone, save_backbone
+from after_ray.errors import ConfigError, RunStateError
+from after_ray.models.backbones import load_backbone, write_backbone_files
 from after_ray.models.classifier import SERClassifier
 from after_ray.models.settings import BackboneConfig
 from after_ray.training.finetune import build_classifier
@@ -37,10 +38,16 @@ def save_classifier(
     state_dict: dict[str, torch.Tensor] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the classifier to ``out_dir`` atomically (staging directory + rename)."""
+    """Write the classifier to ``out_dir`` atomically (staging directory + rename).
+
+    A failed write (disk full) is a ``RunStateError`` naming ``out_dir``; the previous
+    checkpoint there, if any, is left as it was.
+    """
     out = Path(out_dir)
-    with staged_directory(out) as staging:
-        save_backbone(model.backbone, staging / "backbone")
+    with staged_directory(out, what="the classifier checkpoint") as staging:
+        # Inside the one staging directory: a nested staged save would name its own temporary
+        # path in an error message instead of out_dir.
+        write_backbone_files(model.backbone, staging / "backbone")
         weights = state_dict if state_dict is not None else model.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, staging / WEIGHTS)
         meta = {
@@ -57,30 +64,102 @@ def save_classifier(
     return out
 
 
+def _damaged(model_dir: Path, problem: str) -> RunStateError:
+    return RunStateError(
+        f"classifier checkpoint {str(model_dir)!r} is damaged: {problem}. Delete that directory "
+        "and run the stage that wrote it again (for a round's model, `after-ray run` with the "
+        "same config retrains that round)"
+    )
+
+
 def read_classifier_meta(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / META
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise RunStateError(
             f"classifier checkpoint {str(model_dir)!r} is unreadable ({exc}); delete it and "
             "re-run the stage that wrote it"
         ) from None
+    if not isinstance(meta, dict):
+        raise _damaged(Path(model_dir), f"{META} holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _head_settings(model_dir: Path, meta: dict[str, Any]) -> tuple[list[str], int, FinetuneConfig]:
+    try:
+        head = meta["finetune"]
+        cfg = FinetuneConfig(
+            pooling=head["pooling"], head_dropout=head["head_dropout"], proj_size=head["proj_size"]
+        )
+        return list(meta["class_names"]), int(meta["n_classes"]), cfg
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _damaged(model_dir, f"{META} lacks a valid entry ({exc!r})") from None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None (reads only its header)."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        # The header lists every tensor's byte range, and safetensors checks that they cover
+        # the file exactly: a truncated or overwritten file fails here without reading the data.
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        return f"{path.name} is corrupt or truncated ({exc})"
+    return None
+
+
+def verify_classifier_dir(model_dir: str | os.PathLike) -> None:
+    """Raise ``RunStateError`` unless ``model_dir`` is a complete ``save_classifier`` directory.
+
+    Cheap (JSON and safetensors headers only), so a driver can check a checkpoint before handing
+    it to workers, where a failure would surface as a Ray error instead of this message.
+    """
+    model_dir = Path(model_dir)
+    _head_settings(model_dir, read_classifier_meta(model_dir))
+    backbone = model_dir / "backbone"
+    if not (backbone / "config.json").is_file():
+        raise _damaged(model_dir, "backbone/config.json is missing")
+    problems = [_safetensors_problem(model_dir / WEIGHTS)]
+    shards = sorted(backbone.glob("*.safetensors"))
+    if not shards:
+        problems.append("backbone/ has no safetensors weights")
+    problems += [_safetensors_problem(shard) for shard in shards]
+    problems = [p for p in problems if p]
+    if problems:
+        raise _damaged(model_dir, "; ".join(problems))
 
 
 def load_classifier(model_dir: str | os.PathLike, *, device: str | torch.device = "cpu"):
-    """Rebuild a classifier saved by ``save_classifier``: returns (model, class_names)."""
+    """Rebuild a classifier saved by ``save_classifier``: returns (model, class_names).
+
+    A missing, truncated or inconsistent file is a ``RunStateError`` that names the directory
+    (nothing in it is ever unpickled).
+    """
     model_dir = Path(model_dir)
-    meta = read_classifier_meta(model_dir)
-    backbone = load_backbone(
-        BackboneConfig(name_or_path=str(model_dir / "backbone"), freeze_feature_encoder=False),
-        for_pretraining=False,
-    )
-    head = meta["finetune"]
-    cfg = FinetuneConfig(
-        pooling=head["pooling"], head_dropout=head["head_dropout"], proj_size=head["proj_size"]
-    )
-    model = build_classifier(backbone, int(meta["n_classes"]), cfg)
-    model.load_state_dict(load_file(str(model_dir / WEIGHTS)))
+    verify_classifier_dir(model_dir)
+    class_names, n_classes, cfg = _head_settings(model_dir, read_classifier_meta(model_dir))
+    try:
+        backbone = load_backbone(
+            BackboneConfig(name_or_path=str(model_dir / "backbone"), freeze_feature_encoder=False),
+            for_pretraining=False,
+        )
+    except ConfigError as exc:
+        # A run's own checkpoint, not the user's configuration: say which directory to delete.
+        raise _damaged(model_dir, f"its backbone cannot be loaded ({exc})") from None
+    model = build_classifier(backbone, n_classes, cfg)
+    try:
+        weights = load_file(str(model_dir / WEIGHTS))
+    except (SafetensorError, OSError) as exc:  # changed since the check above
+        raise _damaged(model_dir, f"{WEIGHTS} is unreadable ({exc})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+        detail = " ".join(str(exc).split())[:300]
+        raise _damaged(
+            model_dir, f"{WEIGHTS} does not match the model {META} describes ({detail})"
+        ) from None
     model.to(device).eval()
-    return model, list(meta["class_names"])
+    return model, class_names

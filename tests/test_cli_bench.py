@@ -1,0 +1,82 @@
+"""``after-ray bench load``: wired into the CLI, prints ours against the baseline, exits 2 on sizes
+that cannot work; and the size options default per benchmark (load 200k x 128, select 1M x 768).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from after_ray.cli import main
+
+NUMBER = r"(-?\d+(?:\.\d+)?)"
+
+
+def _row(out: str, label: str) -> tuple[float, float, float]:
+    """(time s, peak RSS MB, peak above the phase's start MB) of one comparison line."""
+    match = re.search(
+        rf"^{re.escape(label)}.*?\s{NUMBER}\s+{NUMBER}\s+{NUMBER}$", out, flags=re.MULTILINE
+    )
+    assert match, f"no line for {label!r} in:\n{out}"
+    return tuple(float(x) for x in match.groups())  # type: ignore[return-value]
+
+
+def test_bench_load_prints_our_path_and_the_baseline(capsys, tmp_path):
+    code = main(
+        ["bench", "load", "--n", "3000", "--d", "8", "--k", "40", "--out-dir", str(tmp_path)]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = captured.out
+    assert out.startswith("load benchmark: n=3,000 d=8 classes=4 k=40 rounds=2"), out
+    for phase in ["write shards", "read shards + pool"] + [
+        f"{step} {name} r{r}"
+        for name in ("after", "coreset")
+        for r in range(2)
+        for step in ("select", "record")
+    ]:
+        assert re.search(
+            rf"^\| {re.escape(phase)} \| {NUMBER} \| {NUMBER} \| {NUMBER} \|$", out, re.M
+        ), phase
+    ours = _row(out, "ours (batches into preallocated arrays)")
+    baseline = _row(out, "baseline (read_table + to_numpy + np.stack)")
+    for seconds, peak, _above_start in (ours, baseline):
+        assert seconds > 0 and peak > 0
+    assert "check: same pool arrays from both readers: True" in out
+    # --out-dir keeps what the run wrote: the shards and both strategies' run directories.
+    assert (tmp_path / "runs" / "after" / "state.json").is_file()
+    assert (tmp_path / "runs" / "coreset" / "labels.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == [
+        "embedding",
+        "penultimate",
+        "probs",
+    ]
+
+
+def test_bench_load_with_sizes_that_cannot_work_exits_2_with_a_message(capsys):
+    code = main(["bench", "load", "--n", "100", "--d", "4", "--k", "60"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "bench load: k * rounds = 120 exceeds the pool size 100" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("what", "module", "function", "expected"),
+    [
+        ("load", "after_ray.bench_load", "run_load_benchmark", (200_000, 128, 2000)),
+        ("select", "after_ray.bench_select", "run_select_benchmark", (1_000_000, 768, 10_000)),
+    ],
+)
+def test_bench_size_options_default_per_benchmark(monkeypatch, what, module, function, expected):
+    import importlib
+
+    calls = []
+    monkeypatch.setattr(
+        importlib.import_module(module), function, lambda **kwargs: calls.append(kwargs)
+    )
+    assert main(["bench", what]) == 0
+    assert [(c["n"], c["d"], c["k"]) for c in calls] == [expected]
+    assert main(["bench", what, "--n", "5000", "--d", "16", "--k", "7"]) == 0
+    assert (calls[-1]["n"], calls[-1]["d"], calls[-1]["k"]) == (5000, 16, 7)
