@@ -151,10 +151,25 @@ def stage_tapt(config: Config, state: RunState, pool_rows: list[dict]) -> str:
     return str(out_dir)
 
 
+def _usable_model(model_dir: str | Path) -> bool:
+    """True when ``model_dir`` holds a complete classifier. A damaged one (a disk error, a hand
+    edit) is rebuilt by the caller: models are derived from the run state, never acquired."""
+    from after_ray.models.classifier_io import verify_classifier_dir
+
+    if not (Path(model_dir) / "classifier.json").is_file():
+        return False
+    try:
+        verify_classifier_dir(model_dir)
+    except RunStateError as exc:
+        print(f"warning: {exc}. Rebuilding it.", flush=True)
+        return False
+    return True
+
+
 def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names) -> Path:
     """A classifier around the TAPT backbone (random head) for the cold-start embeddings."""
     path = config.run_dir / "embed_model"
-    if not (path / "classifier.json").is_file():
+    if not _usable_model(path):
         import torch
 
         from after_ray.models.backbones import load_backbone
@@ -295,7 +310,7 @@ def _finetune_round(
     class_names,
 ) -> str:
     ref = state.checkpoint(round_index)
-    if ref is not None and (Path(ref) / "classifier.json").is_file():
+    if ref is not None and _usable_model(ref):
         return ref
     from after_ray.distributed.train import run_finetune
 

@@ -24,6 +24,7 @@ from after_ray import faults
 from after_ray.al.state import RunState, check_run_dir
 from after_ray.config import load_config
 from after_ray.manifest import read_manifest
+from after_ray.models.classifier_io import verify_classifier_dir
 from after_ray.runner import run_active_learning
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,6 +168,13 @@ def test_killed_at_random_points_then_resumed_equals_uninterrupted(
     lines = (run_dir / "labels.jsonl").read_text().splitlines()
     ids = [json.loads(line)["utt_id"] for line in lines]
     assert len(ids) == len(set(ids)) == 36
+
+    # A round's model damaged on disk after the fact is rebuilt, not used and not fatal.
+    weights = run_dir / "rounds" / "round_001" / "model" / "classifier.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert run_active_learning(load_config(config_file)).finished
+    verify_classifier_dir(weights.parent)
+    assert outcome(run_dir) == outcome(reference_dir)
 
 
 @pytest.mark.slow
