@@ -615,7 +615,8 @@ def finetune(
         if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
             stopped_early = epoch < cfg.epochs - 1
             break
-        if on_checkpoint is not None and epoch < cfg.epochs - 1:
+        due = cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
+        if on_checkpoint is not None and due and epoch < cfg.epochs - 1:
             # Built on demand (only the rank that saves pays for the copy); on_checkpoint calls it
             # before returning, so the loop variables it reads are this epoch's.
             def get_state(epoch: int = epoch) -> dict[str, Any]:
