@@ -14,8 +14,10 @@ reason              meaning
 ==================  =========================================================================
 missing_file        the path does not exist
 unreadable          libsndfile cannot open or decode it (corrupt file, text file named .wav,
-                    bad header, unsupported codec, a directory, permission denied); ``detail``
-                    carries the OS / libsndfile message
+                    bad header, unsupported codec, permission denied), it is not a regular file
+                    (a directory, a named pipe, a device), or it is a truncated WAV (its header
+                    declares more audio than the file holds: an interrupted copy); ``detail``
+                    carries the OS / libsndfile message or the two lengths
 empty               0-byte file, or a valid header with 0 samples
 unsupported_rate    native sample rate outside [min_input_rate, max_input_rate] (default
                     4 kHz..384 kHz): below 4 kHz there is no speech band left to resample
@@ -39,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,7 +132,10 @@ class AudioConfig:
                 f"audio.min_duration_s: {self.min_duration_s} s must be below "
                 f"audio.max_duration_s ({self.max_duration_s} s) or every file is quarantined"
             )
-        if self.sample_rate >= 1000 and self.min_duration_s * self.sample_rate < ENCODER_MIN_SAMPLES:
+        if (
+            self.sample_rate >= 1000
+            and self.min_duration_s * self.sample_rate < ENCODER_MIN_SAMPLES
+        ):
             shortest = ENCODER_MIN_SAMPLES / self.sample_rate
             problems.append(
                 f"audio.min_duration_s: {self.min_duration_s} s is shorter than one encoder frame "
@@ -188,14 +194,89 @@ def _check_path(path: str) -> None:
     """Problems visible before libsndfile runs, with the OS's own words."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except FileNotFoundError:  # also a symlink whose target is gone
         raise AudioProblem(MISSING_FILE, "no such file", path) from None
     except OSError as exc:  # permission denied on a parent, name too long, ...
         raise AudioProblem(UNREADABLE, f"cannot stat: {exc.strerror or exc}", path) from None
-    if os.path.isdir(path):
+    if stat.S_ISDIR(st.st_mode):
         raise AudioProblem(UNREADABLE, "is a directory, not an audio file", path)
-    if st.st_size == 0:
-        raise AudioProblem(EMPTY, "0-byte file", path)
+    if not stat.S_ISREG(st.st_mode):
+        # A named pipe or a device reports size 0 (it was called "empty") and opening a pipe
+        # blocks until something writes to it: never hand one to libsndfile.
+        raise AudioProblem(UNREADABLE, f"not a regular file ({_file_kind(st.st_mode)})", path)
+    # Open before the size check: an entry nobody may read is "unreadable", whatever its size
+    # (procfs files report 0 bytes), and the OS's message beats libsndfile's "System error.".
+    try:
+        with open(path, "rb") as handle:
+            if st.st_size == 0:
+                raise AudioProblem(EMPTY, "0-byte file", path)
+            shortfall = _wav_shortfall(handle, st.st_size)
+    except PermissionError:
+        who = f"uid {os.geteuid()}" if hasattr(os, "geteuid") else "this user"
+        raise AudioProblem(UNREADABLE, f"permission denied for {who}", path) from None
+    except OSError as exc:
+        raise AudioProblem(UNREADABLE, f"cannot read: {exc.strerror or exc}", path) from None
+    if shortfall is not None:
+        declared, present, rate = shortfall
+        raise AudioProblem(
+            UNREADABLE,
+            f"truncated: the WAV header declares {declared / rate:.3f} s of audio but the file "
+            f"holds {present / rate:.3f} s (an interrupted copy or download?)",
+            path,
+        )
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return f"mode {stat.filemode(mode)}"
+
+
+# 'data' chunk sizes that mean "unknown length", not "truncated": writers that cannot seek back
+# (ffmpeg or sox on a pipe) leave 0, 0xFFFFFFFF or a value near 2**31 there, and libsndfile
+# reads such a file to its end. 0xFFFFFFFF is also RF64's marker (not parsed here).
+_WAV_UNKNOWN_SIZE = 0x7FFF0000
+
+
+def _wav_shortfall(handle, file_size: int) -> tuple[int, int, int] | None:
+    """``(declared, present, sample_rate)`` in frames when a RIFF WAV's ``data`` chunk declares
+    at least one frame more than the file holds, else None (also for any other format).
+
+    libsndfile silently clamps such a file to the bytes present, so a copy cut short would pass
+    as a shorter, valid utterance; FLAC and others already fail to decode when cut short.
+    """
+    head = handle.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos, block_align, rate = 12, 0, 0
+    for _ in range(64):  # a WAV has a handful of chunks: bound the walk on garbage
+        handle.seek(pos)
+        header = handle.read(8)
+        if len(header) < 8:
+            return None
+        chunk_id, size = header[:4], int.from_bytes(header[4:], "little")
+        if chunk_id == b"fmt ":
+            fmt = handle.read(16)
+            if len(fmt) >= 14:
+                rate = int.from_bytes(fmt[4:8], "little")
+                block_align = int.from_bytes(fmt[12:14], "little")
+        elif chunk_id == b"data":
+            if size == 0 or size >= _WAV_UNKNOWN_SIZE or block_align <= 0 or rate <= 0:
+                return None  # unknown length, or a broken fmt chunk libsndfile will report
+            present = file_size - pos - 8
+            if size - present >= block_align:
+                return size // block_align, max(0, present) // block_align, rate
+            return None
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+        if pos >= file_size:
+            return None
+    return None
 
 
 def _unreadable(path: str, exc: Exception) -> AudioProblem:
@@ -350,9 +431,7 @@ def quality_problem(x: np.ndarray, sr: int, cfg: AudioConfig) -> AudioProblem | 
     level = rms_dbfs(to_mono(x2))
     if level < cfg.silence_dbfs:
         shown = "-inf" if math.isinf(level) else f"{level:.1f}"
-        return AudioProblem(
-            SILENT, f"RMS {shown} dBFS < audio.silence_dbfs={cfg.silence_dbfs:g}"
-        )
+        return AudioProblem(SILENT, f"RMS {shown} dBFS < audio.silence_dbfs={cfg.silence_dbfs:g}")
     return None
 
 
@@ -388,7 +467,9 @@ def probe_file(path: str | os.PathLike, cfg: AudioConfig) -> ProbeResult:
 
 
 def crop(
-    x: np.ndarray, n: int, mode: Literal["random", "start"] = "random",
+    x: np.ndarray,
+    n: int,
+    mode: Literal["random", "start"] = "random",
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """At most ``n`` samples of ``x``: a random window (``rng``) or the first ``n``."""
@@ -404,7 +485,9 @@ def crop(
 
 
 def crop_or_pad(
-    x: np.ndarray, n: int, mode: Literal["random", "start"] = "random",
+    x: np.ndarray,
+    n: int,
+    mode: Literal["random", "start"] = "random",
     rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, int]:
     """Exactly ``n`` samples (zero-padded at the end) and the number of real samples."""

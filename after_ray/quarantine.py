@@ -12,7 +12,10 @@ detail   string  the specifics: OS / libsndfile message, measured duration or le
 stage    string  where it was caught: ``probe`` (prepare stage) or ``load`` (training/scoring)
 =======  ======  ==========================================================================
 
-It is written as Parquet (for code) and a CSV twin next to it (for people).
+It is written as Parquet (for code) and a CSV twin next to it (for people). Files that break
+after prepare (deleted, truncated, overwritten) are dropped by the training and scoring streams
+with a warning; ``quarantine_lost_files`` probes such files again and appends them with stage
+``load``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from after_ray.errors import CorpusError
+
+if TYPE_CHECKING:
+    from after_ray.audio import AudioConfig
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -81,6 +87,52 @@ def read_quarantine(path: str | Path) -> pa.Table:
             f"quarantine table {str(path)!r} not found: run `after-ray prepare --config ...` first"
         )
     return quarantine_table(pq.read_table(path))
+
+
+def append_quarantine(rows: pa.Table | Iterable[Mapping[str, Any]], path: str | Path) -> pa.Table:
+    """Add ``rows`` to the table at ``path`` (created when absent) and rewrite it with its CSV
+    twin; a file (``utt_id``) already listed keeps its first row, so repeating a call is a no-op.
+    Returns the whole table."""
+    new = quarantine_table(rows)
+    path = Path(path)
+    old = read_quarantine(path) if path.is_file() else QUARANTINE_SCHEMA.empty_table()
+    listed = set(old.column("utt_id").to_pylist())
+    fresh = [r for r in new.to_pylist() if r["utt_id"] not in listed]
+    if not fresh and path.is_file():
+        return old
+    table = pa.concat_tables([old, quarantine_table(fresh)])
+    write_quarantine(table, path)
+    return table
+
+
+def quarantine_lost_files(
+    rows: Iterable[Mapping[str, Any]], cfg: AudioConfig, path: str | Path, *, stage: str = "load"
+) -> list[str]:
+    """Files that passed prepare but a training or scoring stream dropped (deleted, truncated,
+    overwritten since): probe them again on the driver (a few files, no Ray) and add the ones
+    that fail to the quarantine table at ``path`` with ``stage``. Returns their ``utt_id``s.
+
+    A file that probes fine again (a transient read error) is not quarantined; the caller
+    decides what to do with it for this pass (it has no scores either way).
+    """
+    from after_ray.audio import probe_file
+
+    found = []
+    for row in rows:
+        result = probe_file(row["path"], cfg)
+        if result.reason is not None:
+            found.append(
+                {
+                    "utt_id": row["utt_id"],
+                    "path": row["path"],
+                    "reason": result.reason,
+                    "detail": result.detail,
+                    "stage": stage,
+                }
+            )
+    if found:
+        append_quarantine(found, path)
+    return [r["utt_id"] for r in found]
 
 
 def reason_counts(table: pa.Table) -> dict[str, int]:

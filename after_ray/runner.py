@@ -221,6 +221,24 @@ def _pool_view(pool_ids: list[str], labeled: set[str], scores=None, durations=No
     )
 
 
+def _without_lost_files(config: Config, pool_rows: list[dict], scores) -> list[dict]:
+    """The pool minus files the scoring stream dropped because they broke after prepare
+    (deleted, truncated, overwritten); those go to the quarantine table with stage ``load``."""
+    scored = set(scores.utt_ids)
+    lost = [r for r in pool_rows if r["utt_id"] not in scored]
+    if not lost:
+        return pool_rows
+    from after_ray.quarantine import csv_twin, quarantine_lost_files
+
+    quarantine_lost_files(lost, config.audio, config.run_dir / "quarantine.parquet")
+    print(
+        f"quarantine: {len(lost)} pool files broke since prepare and are left out "
+        f"(e.g. {lost[0]['path']}); see {csv_twin(config.run_dir / 'quarantine.parquet')}",
+        flush=True,
+    )
+    return [r for r in pool_rows if r["utt_id"] in scored]
+
+
 def _select(
     config: Config,
     state: RunState,
@@ -245,6 +263,8 @@ def _select(
     else:
         name, params = config.al.strategy, config.al.strategy_params
     strategy = get_strategy(name, **params)
+    if scores is not None:
+        pool_rows = _without_lost_files(config, pool_rows, scores)
     pool_ids = sorted(r["utt_id"] for r in pool_rows)
     view = _pool_view(pool_ids, labeled, scores, durations)
     failpoint("stage:select")

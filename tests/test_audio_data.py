@@ -227,9 +227,12 @@ def test_pad_batch_contract_without_labels():
 
 def _store_stats():
     # Aggregate plasma stats from the raylet (what `ray memory --stats-only` prints).
+    import ray
     from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
-    return get_memory_info_reply(get_state_from_address(None)).store_stats
+    # This session's instance by address: other Ray instances may run on the machine.
+    address = ray.get_runtime_context().gcs_address
+    return get_memory_info_reply(get_state_from_address(address)).store_stats
 
 
 def test_a_corpus_several_times_the_object_store_streams_through_it(ray_session, tmp_path):

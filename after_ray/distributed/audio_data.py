@@ -183,8 +183,11 @@ def label_targets(
     for i, (label, row_votes) in enumerate(zip(labels, votes, strict=True)):
         if label is not None and str(label) in label_to_index:
             index[i] = label_to_index[str(label)]
-        counted = [label_to_index[str(v)] for v in (row_votes if row_votes is not None else [])
-                   if str(v) in label_to_index]
+        counted = [
+            label_to_index[str(v)]
+            for v in (row_votes if row_votes is not None else [])
+            if str(v) in label_to_index
+        ]
         if counted:
             np.add.at(soft[i], counted, 1.0)
             soft[i] /= soft[i].sum()

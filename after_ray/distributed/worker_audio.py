@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from after_ray.audio import (
+    EMPTY,
+    NON_FINITE,
     AudioConfig,
     AudioProblem,
     chunk,
@@ -80,8 +82,11 @@ class InMemoryAudio:
         for row in rows:
             try:
                 x, sr = decode(row["path"])
-                if x.shape[1] == 0 or not np.isfinite(x).all():
-                    raise AudioProblem("unusable", "empty or non-finite samples", row["path"])
+                # The same reason codes as the streamed path (load_for_model), never an ad hoc one.
+                if x.shape[1] == 0:
+                    raise AudioProblem(EMPTY, "0 samples", row["path"])
+                if not np.isfinite(x).all():
+                    raise AudioProblem(NON_FINITE, "NaN/inf samples", row["path"])
                 self.audio.append(resample(to_mono(x), sr, cfg.sample_rate))
             except AudioProblem as exc:  # deleted or damaged since prepare: drop, never crash
                 log.warning("dropped %s at load: %s", row["utt_id"], exc)
