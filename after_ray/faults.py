@@ -16,7 +16,7 @@ Two more variables make the points usable across processes:
   draws its kill points from it.
 
 Ray workers and actors do not inherit the driver's environment: ``snapshot()`` returns the
-variables that are set, to be shipped in a worker's config, and ``install()`` sets them there.
+variables to ship in a worker's config (not the trace), and ``install()`` sets them there.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from collections.abc import Callable
 ENV = "AFTER_RAY_FAILPOINT"
 ONCE_ENV = "AFTER_RAY_FAILPOINT_ONCE"
 TRACE_ENV = "AFTER_RAY_FAILPOINT_TRACE"
-_ALL = (ENV, ONCE_ENV, TRACE_ENV)
 _hits: dict[str, int] = {}
 
 
@@ -61,8 +60,13 @@ def failpoint(name: str, before_kill: Callable[[], object] | None = None) -> Non
 
 
 def snapshot() -> dict[str, str]:
-    """The failpoint variables set in this process (empty in normal runs)."""
-    return {key: os.environ[key] for key in _ALL if os.environ.get(key)}
+    """The failpoint variables to ship to workers (empty in normal runs).
+
+    Never the trace file: a trace is one process's ordered path (the crash harness draws the
+    driver's kill points from it and counts hits per process); workers' lines would interleave
+    with it in no fixed order and name points whose kill does not stop the driver.
+    """
+    return {key: os.environ[key] for key in (ENV, ONCE_ENV) if os.environ.get(key)}
 
 
 def install(variables: dict[str, str] | None) -> None:

@@ -216,6 +216,54 @@ def test_report_groups_keep_non_seed_axes_apart_and_a_changed_resume_is_refused(
         _record_or_check_sweep(sweep_dir, "lr", fewer, resume=True)
 
 
+def test_a_failed_trial_is_one_readable_line_without_the_remote_traceback():
+    """What Ray hands over for a failed trial (a RayTaskError around the trial's exception, or
+    an ActorDiedError when its process is gone) becomes the line the summary, the report and
+    Tune's log show."""
+    import logging
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from after_ray.distributed.sweep import _error_text, _one_line_trial_errors
+
+    def wrapped(cause: BaseException) -> BaseException:
+        remote = "Traceback (most recent call last):\n  File ...\n" + repr(cause)
+        error = RayTaskError("train", remote, cause, proctitle="t", pid=1, ip="127.0.0.1")
+        return error.as_instanceof_cause()
+
+    config = ConfigError("invalid configuration:\n  - al.budget.initial: is 0 items\n  - b: x")
+    assert _error_text(wrapped(config)) == "al.budget.initial: is 0 items; b: x"
+    assert _error_text(wrapped(RunStateError("run dir locked"))) == "run dir locked"
+    assert _error_text(wrapped(ValueError("bad\nshape"))) == "ValueError: bad; shape"
+    assert _error_text(ActorDiedError()).startswith("its process died (killed by a signal")
+    assert _error_text(KeyError("x")) == "KeyError: 'x'"
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        with _one_line_trial_errors():
+            logger.error("Trial task failed for trial seed=0", exc_info=wrapped(config))
+        logger.error("Trial task failed for trial seed=1", exc_info=ValueError("kept"))
+    finally:
+        logger.removeHandler(keep)
+    first, after = keep.records
+    assert first.exc_info is None
+    assert first.getMessage().startswith(
+        "Trial task failed for trial seed=0: al.budget.initial: is 0 items; b: x (a failed "
+        "trial is retried once, then reported; traceback: error.txt"
+    )
+    assert after.exc_info is not None  # outside a sweep, Tune's logging is left alone
+
+
 # ------------------------------------------------------------------------------- Ray sweeps
 @pytest.mark.slow
 @pytest.mark.timeout(400)
@@ -371,3 +419,101 @@ def test_a_killed_sweep_resumes_without_recomputing(ray_session, corpus_root, tm
         assert redone == [], redone  # no finished stage ran again
     report = result.report_path.read_text()
     assert "| random | 2 (0, 1) |" in report
+
+
+# ------------------------------------------------------------------------- trial failures
+def _failure_sweep_base(tmp_path: Path, corpus_root: Path) -> dict:
+    """The cheapest AL run: no TAPT, random selection (no pool scoring), 2 rounds."""
+    data = base_dict(tmp_path, corpus_root)
+    data["tapt"]["enabled"] = False
+    data["al"]["strategy"] = "random"
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_trial_killed_once_is_retried_and_a_failing_trial_is_reported(
+    ray_session, corpus_root, tmp_path, monkeypatch, capfd, caplog
+):
+    """``after-ray sweep`` over 2 x 2 trials, with two kinds of worker failure:
+
+    * killed once: the twins ``initial=0.25,log_every=10|11`` (``tapt.log_every`` changes
+      nothing with TAPT off) run at once, and the first to reach round 1's selection is
+      SIGKILLed there (a failpoint shipped into the trial process, armed once). Tune retries it
+      (FailureConfig(max_failures=1)), its AL run resumes from its run directory, and it ends
+      TERMINATED with exactly its twin's selections, labels and metrics;
+    * always failing: ``al.budget.initial=0.001`` of a 48-item pool is 0 items, a ConfigError
+      raised inside the trial (only the trial knows the pool size), on the retry too. Those
+      trials are reported: the sweep returns, the other trials finish, ``SweepResult.errors``
+      names them with the ConfigError's message, the summary and the report say they failed,
+      and the command exits 1 without a traceback.
+    """
+    from ray import tune
+    from tiny_run import outcome
+
+    from after_ray import cli, faults
+    from after_ray.distributed import sweep
+    from after_ray.distributed.sweep import TUNE_CONTROLLER_LOGGER
+
+    config_file = tmp_path / "base.yaml"
+    config_file.write_text(yaml.safe_dump(_failure_sweep_base(tmp_path, corpus_root)))
+    marker = tmp_path / "trial-killed"
+    monkeypatch.setenv(faults.ENV, "select:1")
+    monkeypatch.setenv(faults.ONCE_ENV, str(marker))
+    results = []
+    run_sweep = sweep.run_sweep
+    monkeypatch.setattr(
+        sweep, "run_sweep", lambda *a, **k: results.append(run_sweep(*a, **k)) or results[-1]
+    )
+
+    code = cli.main(
+        [
+            "sweep", "--config", str(config_file), "--name", "failures",
+            "--axis", "al.budget.initial=0.25,0.001", "--axis", "tapt.log_every=10,11",
+        ]
+    )  # fmt: skip
+    out, err = capfd.readouterr()
+    (result,) = results
+
+    # killed once, retried, as if never killed
+    assert marker.is_file(), "no trial reached round 1's selection: nothing was killed"
+    twins = ["initial=0.25,log_every=10", "initial=0.25,log_every=11"]
+    run_dirs = {t.name: t.run_dir for t in result.trials}
+    twin_a, twin_b = (outcome(run_dirs[name]) for name in twins)
+    assert sorted(twin_a["selections"]) == [0, 1]
+    assert twin_a == twin_b
+    analysis = tune.ExperimentAnalysis(result.experiment_path)
+    by_name = {t.config["trial"]["name"]: t for t in analysis.trials}
+    assert [by_name[name].status for name in twins] == ["TERMINATED"] * 2
+    assert sorted(by_name[name].run_metadata.num_failures for name in twins) == [0, 1]
+    for name in twins:
+        rows = analysis.trial_dataframes[by_name[name].trial_id]
+        assert set(rows["round"]) == {0, 1}  # the retried trial reported round 1 too
+        last = json.loads(metrics_file(run_dirs[name], 1).read_text())["test"]["ua"]
+        assert rows["test_ua"].iloc[-1] == pytest.approx(last)
+
+    # always failing: reported, and the rest of the sweep finished
+    failing = ["initial=0.001,log_every=10", "initial=0.001,log_every=11"]
+    reason = (
+        "al.budget.initial: 0.001 of a pool of 48 items is 0 items; raise it (or use unit: count)"
+    )
+    assert result.errors == {name: reason for name in failing}
+    assert [by_name[name].status for name in failing] == ["ERROR"] * 2
+    assert [by_name[name].run_metadata.num_failures for name in failing] == [2, 2]
+    assert code == 1
+    assert "Traceback" not in out + err
+    assert "sweep failures: 4 trials, 2 failed" in out
+    assert f"  {failing[0]}: FAILED: {reason}" in out
+    assert f"  {twins[0]}: test UA" in out and f"  {twins[1]}: test UA" in out
+    # Tune's own log record of each failure: the reason, without the remote traceback
+    failures = [r for r in caplog.records if r.name == TUNE_CONTROLLER_LOGGER]
+    assert all(r.exc_info is None for r in failures)
+    messages = [r.getMessage() for r in failures]
+    assert sum(f"Trial task failed for trial {failing[0]}: {reason}" in m for m in messages) == 2
+    assert sum("its process died (killed by a signal" in m for m in messages) == 1
+    report = result.report_path.read_text()
+    assert "## Failed trials" in report
+    assert f"- **{failing[0]}** (no round evaluated): {reason}" in report
+    failed = json.loads((result.report_path.parent / "report.json").read_text())["failed_trials"]
+    assert sorted(f["name"] for f in failed) == failing
+    assert all(Path(f["error_file"]).is_file() for f in failed)

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from after_ray import faults
 from after_ray.atomic import staged_directory
 from after_ray.audio import AudioConfig
 from after_ray.faults import failpoint
@@ -60,12 +61,27 @@ class PoolScores:
 
 
 class ScoringActor:
-    """``map_batches`` callable class: loads the checkpoint once per actor."""
+    """``map_batches`` callable class: loads the checkpoint once per actor.
 
-    def __init__(self, model_dir: str, mc_samples: int, seed: int, torch_threads: int = 1):
+    An actor that dies mid-scoring (a lost node, the OOM killer, the ``score_actor_batch``
+    failpoint) is restarted by Ray and its unfinished batches are retried on it (see
+    ``score_rows``); the restart runs ``__init__`` again, which reloads the checkpoint.
+    ``failpoints``: the driver's ``faults.snapshot()`` (actors do not inherit its environment).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        mc_samples: int,
+        seed: int,
+        torch_threads: int = 1,
+        failpoints: dict[str, str] | None = None,
+    ):
         import torch
 
         from after_ray.models.classifier_io import load_classifier
+
+        faults.install(failpoints)
 
         torch.set_num_threads(max(1, torch_threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +94,7 @@ class ScoringActor:
         from after_ray.distributed.audio_data import PadCollate
         from after_ray.training.scoring import score_batch
 
+        failpoint("score_actor_batch")
         padded = PadCollate()(batch)
         out = score_batch(
             self.model, padded, mc_samples=self.mc_samples, seed=self.seed, device=self.device
@@ -173,6 +190,7 @@ def score_rows(
             "mc_samples": mc_samples,
             "seed": seed,
             "torch_threads": max(1, ray_cfg.cpus_per_worker),
+            "failpoints": faults.snapshot(),
         },
         batch_size=ray_cfg.scoring_batch_size,
         batch_format="numpy",
@@ -181,6 +199,14 @@ def score_rows(
         # One CPU reserved per actor (torch still uses cpus_per_worker threads): reserving all of
         # them would leave none for the decode tasks feeding the actors, and the stream would hang.
         num_cpus=1,
+        # A lost actor (node lost, OOM killer) is restarted and its batches are retried on it:
+        # Ray 2.60 gives actor-pool map operators max_restarts=-1 and max_task_retries=-1 by
+        # default (ActorPoolMapOperator._apply_default_remote_args: given to the pool's actors,
+        # outside the args that operator fusion compares).
+        # Not passed here on purpose: remote args that differ from decode_batch's stop Ray Data
+        # from fusing the decoding into these actors, and the decode tasks then need CPUs beside
+        # the actors (a sweep deadlocks; see sweep.trial_peak). tests/test_worker_failures.py
+        # checks both: the fused plan, and a killed actor's batches retried.
     )
     ctx = ray.data.DataContext.get_current()
     saved = copy.deepcopy(ctx.execution_options)

@@ -43,8 +43,13 @@ which is where the training loop runs in local mode; see the class docstring):
 * **Resume.** ``run_sweep(..., resume=True)`` restores Tune's experiment when it exists
   (``Tuner.restore(resume_unfinished=True, resume_errored=True)``); finished trials are not run
   again, and an unfinished trial reruns ``run_active_learning`` on its run directory, which
-  continues at the first unfinished step. A crashed trial worker is retried once
-  (``FailureConfig(max_failures=1)``), resuming the same way.
+  continues at the first unfinished step.
+* **Failed trials.** A trial whose process dies (SIGKILL, OOM, a lost node) or whose run raises
+  is retried once (``FailureConfig(max_failures=1)``), resuming its run directory the same way;
+  the failpoints of crash tests reach the trial process with the trainable (``faults``). A trial
+  that fails again is reported, not fatal: the other trials finish, ``SweepResult.errors`` and
+  the summary give one readable line per failed trial (its traceback stays in Tune's
+  ``error.txt``), the report lists it under "Failed trials", and ``after-ray sweep`` exits 1.
 * **Resources and the Tune + Data/Train deadlock** (docs/ray-2.60.md §6.4). A trial reserves
   ``trial_cpus`` (and ``trial_gpus``) for its own process. Inside it, Ray Data (decode tasks,
   the scoring actor pool) and Ray Train workers need *more* resources, outside the trial's
@@ -68,6 +73,7 @@ differ from the stored ones, or ``resume=False`` on an existing sweep).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -76,6 +82,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,9 +91,10 @@ import yaml
 from ray import tune
 from ray.tune.result import DONE
 
-from after_ray.atomic import atomic_write_json
+from after_ray import faults
+from after_ray.atomic import atomic_write_json, atomic_write_text
 from after_ray.config import Config, apply_overrides, config_from_dict
-from after_ray.errors import ConfigError, RunStateError
+from after_ray.errors import AfterRayError, ConfigError, RunStateError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,14 @@ RECORDED_IN_RUN_INFO = {
     "tapt.enabled": "tapt",
 }
 SPEC_KEYS = ("axes", "max_concurrent_trials", "trial_cpus", "trial_gpus", "local_training")
+# Tune retries a failed trial this many times (a lost node, a killed process); a trial that fails
+# once more is reported as failed and the sweep goes on with the others.
+MAX_TRIAL_FAILURES = 1
+_RETRIES_TEXT = "once" if MAX_TRIAL_FAILURES == 1 else f"{MAX_TRIAL_FAILURES} times"
+# Where Tune logs each trial failure, with the remote traceback (see _one_line_trial_errors).
+TUNE_CONTROLLER_LOGGER = "ray.tune.execution.tune_controller"
+# Tune's per-trial file with every failure's full traceback.
+TUNE_ERROR_FILE = "error.txt"
 POLL_SECONDS = 2.0
 # How long a trial waits, after a round's metrics appear, for the run to end (is it the last?).
 FINAL_GRACE_S = 3.0
@@ -549,7 +565,15 @@ class SweepTrial(tune.Trainable):
     such session. Each ``step()`` returns one round; checkpoints record the last round Tune has.
     """
 
-    def setup(self, config: dict[str, Any], trial_configs: dict[str, dict[str, Any]]) -> None:
+    def setup(
+        self,
+        config: dict[str, Any],
+        trial_configs: dict[str, dict[str, Any]],
+        failpoints: dict[str, str] | None = None,
+    ) -> None:
+        # The trial process does not inherit the driver's environment: the failpoints of a
+        # crash test come with the trainable (faults.snapshot() in the driver).
+        faults.install(failpoints)
         self.trial = config["trial"]["name"]
         self.al_config = config_from_dict(copy.deepcopy(trial_configs[self.trial]))
         self.run_dir = self.al_config.run_dir
@@ -628,11 +652,15 @@ def trial_name_of(trial) -> str:
 # ------------------------------------------------------------------------------ the driver
 @dataclass
 class TrialOutcome:
+    """A trial at the end of the sweep. ``error``: one readable line when it failed (after Tune's
+    retry); ``error_file``: Tune's file with the full traceback of each failure."""
+
     name: str
     overrides: dict[str, Any]
     run_dir: Path
     error: str | None = None
     last_metrics: dict[str, Any] | None = None
+    error_file: Path | None = None
 
 
 @dataclass
@@ -679,6 +707,8 @@ class SweepResult:
                     f"(round {metrics.get('round')})"
                 )
             lines.append(f"  {trial.name}: {status}")
+            if trial.error and trial.error_file:
+                lines.append(f"    traceback: {trial.error_file}")
         lines.append(f"runs: {self.sweep_dir}")
         lines.append(f"report: {self.report_path or '(no run to report)'}")
         lines.append(f"Tune results / TensorBoard: tensorboard --logdir {self.experiment_path}")
@@ -836,7 +866,8 @@ def run_sweep(
 
     trial_configs = {p.name: p.config.to_dict() for p in plans}
     trainable = tune.with_resources(
-        tune.with_parameters(SweepTrial, trial_configs=trial_configs), resources
+        tune.with_parameters(SweepTrial, trial_configs=trial_configs, failpoints=faults.snapshot()),
+        resources,
     )
     if can_restore:
         print(f"sweep {name}: restoring the interrupted Tune experiment", flush=True)
@@ -856,7 +887,7 @@ def run_sweep(
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=1),
+                failure_config=tune.FailureConfig(max_failures=MAX_TRIAL_FAILURES),
                 # After every round: the round Tune has, so a retried or restored trial
                 # reports only new rounds (its AL run resumes from its own run directory). All
                 # are kept (a few bytes each): num_to_keep would force an experiment snapshot
@@ -868,23 +899,27 @@ def run_sweep(
                 verbose=1,
             ),
         )
-    results = tuner.fit()
+    with _one_line_trial_errors():
+        results = tuner.fit()
 
-    errors: dict[str, str] = {}
+    errors: dict[str, tuple[str, Path | None]] = {}
     for result in results:
         if result.error is not None:
             trial = (result.config or {}).get("trial", {}).get("name", str(result.path))
-            errors[trial] = _error_text(result.error)
+            error_file = Path(result.path) / TUNE_ERROR_FILE if result.path else None
+            errors[trial] = (_error_text(result.error), error_file)
     trials = []
     for plan in plans:
         _tag_run_info(plan)
+        error, error_file = errors.get(plan.name, (None, None))
         trials.append(
             TrialOutcome(
                 name=plan.name,
                 overrides=plan.overrides,
                 run_dir=plan.run_dir,
-                error=errors.get(plan.name),
+                error=error,
                 last_metrics=_last_metrics(plan.run_dir),
+                error_file=error_file if error_file and error_file.is_file() else None,
             )
         )
     report_path = None
@@ -893,6 +928,7 @@ def run_sweep(
         report_path = write_report(
             reportable, sweep_dir / REPORT_DIR, title=f"Sweep {name}: {_axes_text(spec)}"
         )
+        _note_failed_trials(report_path, [t for t in trials if t.error])
     return SweepResult(
         name=name,
         sweep_dir=sweep_dir,
@@ -905,9 +941,108 @@ def run_sweep(
 
 
 def _error_text(error: BaseException) -> str:
-    """The last line of a trial's error (Ray wraps it in the remote traceback)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    """One readable line for a trial's error.
+
+    Ray hands a trial's error over wrapped, its text a remote traceback: a ``RayTaskError``
+    around the exception raised in the trial (its ``cause``), or a ``RayActorError`` when the
+    trial's process itself is gone (SIGKILL, the OOM killer, a crash in native code), whose text
+    is a page about worker exit codes. The line is the AL run's own message for our errors (a
+    ConfigError says what to fix), ``Type: message`` for any other exception, and "its process
+    died" for a lost process.
+    """
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(error, RayActorError) and not error.actor_init_failed:
+        return "its process died (killed by a signal, out of memory, or a crash in native code)"
+    if isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
+        error = error.cause
+    if isinstance(error, RayTaskError | RayActorError):  # no cause: the traceback's last line
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return lines[-1] if lines else type(error).__name__
+    if isinstance(error, ConfigError):
+        text = _problems_text(error)
+    else:
+        text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if isinstance(error, AfterRayError):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _OneLineTrialError(logging.Filter):
+    """Tune logs each trial failure as "Trial task failed for trial X" with the remote traceback
+    attached: pages of Ray internals on the console (where ``after-ray`` promises no tracebacks)
+    for what is often a one-line configuration problem. This keeps the line, adds the readable
+    reason, and drops the traceback, which Tune keeps in the trial's error.txt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith("Trial task failed for trial"):
+            error = record.exc_info[1]
+            reason = _error_text(error) if error is not None else "unknown error"
+            record.msg = (
+                f"{record.getMessage()}: {reason} (a failed trial is retried {_RETRIES_TEXT}, "
+                f"then reported; traceback: {TUNE_ERROR_FILE} in the trial's Tune directory)"
+            )
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+@contextlib.contextmanager
+def _one_line_trial_errors() -> Iterator[None]:
+    logger = logging.getLogger(TUNE_CONTROLLER_LOGGER)
+    one_line = _OneLineTrialError()
+    logger.addFilter(one_line)
+    try:
+        yield
+    finally:
+        logger.removeFilter(one_line)
+
+
+def _note_failed_trials(report_path: Path, failed: list[TrialOutcome]) -> None:
+    """Say in the sweep report which trials failed and why: without this, a failed trial's
+    curve just stops early (or, with no evaluated round, is missing) with no explanation."""
+    from after_ray.report import REPORT_JSON
+
+    if not failed:
+        return
+    lines = [
+        "",
+        "## Failed trials",
+        "",
+        f"{len(failed)} trial(s) failed (each retried {_RETRIES_TEXT} first); the table above "
+        "and the sections below show them up to their last evaluated round, if any. Resuming "
+        "the sweep (the same command) runs them again from their run directories.",
+        "",
+    ]
+    entries = []
+    for trial in failed:
+        last = (trial.last_metrics or {}).get("round")
+        reached = "no round evaluated" if last is None else f"last evaluated round: {last}"
+        lines.append(f"- **{trial.name}** ({reached}): {trial.error}")
+        if trial.error_file:
+            lines.append(f"  (traceback: `{trial.error_file}`)")
+        entries.append(
+            {
+                "name": trial.name,
+                "error": trial.error,
+                "last_round": last,
+                "error_file": str(trial.error_file) if trial.error_file else None,
+            }
+        )
+    # Right after the summary table, where a failed trial's empty or short row is read.
+    text = report_path.read_text(encoding="utf-8")
+    summary = text.find("\n## Summary")
+    cut = text.find("\n## ", summary + 1) if summary >= 0 else -1
+    if cut < 0:
+        cut = len(text.rstrip("\n"))
+    text = text[:cut].rstrip("\n") + "\n" + "\n".join(lines) + "\n" + text[cut:]
+    atomic_write_text(report_path, text, what="the report")
+    json_path = report_path.parent / REPORT_JSON
+    if json_path.is_file():
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data["failed_trials"] = entries
+        atomic_write_json(json_path, data, what="the report")
 
 
 def _axes_text(spec: SweepSpec) -> str:

@@ -1,0 +1,110 @@
+"""Worker failures (issue #7): a scoring actor of the Ray Data pool killed mid-scoring.
+
+The kill is a real SIGKILL from a failpoint (``after_ray.faults``) in the actor process, armed
+with ``AFTER_RAY_FAILPOINT_ONCE`` so that exactly one process dies; the test checks the marker
+file the dying process creates, so it cannot pass without a kill. Tune trials killed once or
+failing for good are tested in tests/test_sweep.py, next to its tiny sweep setup.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from after_ray import faults
+from after_ray.audio import AudioConfig
+from after_ray.config import config_from_dict
+
+N_UTTERANCES = 30
+SCORING = {"scoring_actors": 2, "scoring_batch_size": 4, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def scoring_setup(tmp_path_factory):
+    """A tiny random classifier and 30 short WAVs (0.4-2.5 s; with 1 s chunks, the longer ones
+    are scored in up to 3 chunks that may land in different batches and actors)."""
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier_io import save_classifier
+    from after_ray.models.settings import BackboneConfig
+    from after_ray.training.finetune import build_classifier
+    from after_ray.training.finetune_settings import FinetuneConfig
+
+    tmp = tmp_path_factory.mktemp("scoring")
+    cfg = FinetuneConfig()
+    backbone = load_backbone(BackboneConfig(name_or_path="tiny", seed=5), for_pretraining=False)
+    model_dir = save_classifier(
+        build_classifier(backbone, 4, cfg).eval(), tmp / "model",
+        class_names=["neutral", "happy", "angry", "sad"], finetune_cfg=cfg,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(N_UTTERANCES):
+        path = tmp / "wav" / f"u{i:02d}.wav"
+        path.parent.mkdir(exist_ok=True)
+        n = int(rng.integers(6400, 40000))
+        sf.write(path, (0.1 * rng.standard_normal(n)).astype(np.float32), 16000)
+        rows.append({"utt_id": f"u{i:02d}", "path": str(path)})
+    return model_dir, rows
+
+
+def _score(setup, cache_root: Path):
+    from after_ray.distributed.scoring import score_rows
+
+    model_dir, rows = setup
+    return score_rows(
+        rows,
+        model_dir,
+        audio=AudioConfig(score_chunk_s=1.0),
+        ray_cfg=config_from_dict({"ray": SCORING}).ray,
+        mc_samples=3,
+        seed=11,
+        cache_root=cache_root,
+    )
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_killed_scoring_actor_is_restarted_and_the_scores_are_unchanged(
+    ray_session, scoring_setup, tmp_path, monkeypatch, caplog
+):
+    """One of the two scoring actors dies (SIGKILL) at its second batch; Ray restarts it and
+    retries its batches, and the scores equal an unkilled scoring of the same rows exactly.
+
+    Why MC-dropout samples are equal too: every batch reseeds dropout from the run seed alone
+    (``score_batch``), and a retried batch holds the same rows in the same order as the lost one
+    (``score_rows`` keeps Ray Data's order; batches are cut from the same input blocks). The
+    draws depend on a row's position in its batch, not on which actor or attempt scores it.
+    """
+    from after_ray.distributed.scoring import DONE, _read_cache
+
+    with caplog.at_level(logging.INFO, logger="ray.data"):
+        clean = _score(scoring_setup, tmp_path / "clean")
+    # The restart options are Ray Data's actor-pool defaults, not passed by score_rows: remote
+    # args of its own would stop the decoding from being fused into the scoring actors (decode
+    # tasks would then need CPUs beside the actors, and a sweep deadlocks).
+    assert "ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(ScoringActor)]" in (
+        caplog.text
+    )
+
+    marker = tmp_path / "actor-killed"
+    monkeypatch.setenv(faults.ENV, "score_actor_batch@2")
+    monkeypatch.setenv(faults.ONCE_ENV, str(marker))
+    killed = _score(scoring_setup, tmp_path / "killed")
+    assert marker.is_file(), "no scoring actor reached its second batch: nothing was killed"
+
+    assert list(killed.utt_ids) == list(clean.utt_ids) == [f"u{i:02d}" for i in range(30)]
+    for key in ("probs", "embedding", "penultimate", "mc_probs"):
+        np.testing.assert_array_equal(getattr(killed, key), getattr(clean, key), err_msg=key)
+    assert killed.mc_probs.shape == (N_UTTERANCES, 3, 4)
+
+    # The cache written after the kill is complete: read back alone, it gives the same scores.
+    (cache_dir,) = [p for p in (tmp_path / "killed").iterdir() if p.is_dir()]
+    assert (cache_dir / DONE).is_file()
+    cached = _read_cache(cache_dir, {r["utt_id"] for r in scoring_setup[1]})
+    assert cached is not None and list(cached.utt_ids) == list(clean.utt_ids)
+    for key in ("probs", "embedding", "penultimate", "mc_probs"):
+        np.testing.assert_array_equal(getattr(cached, key), getattr(clean, key), err_msg=key)
