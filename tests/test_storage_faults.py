@@ -416,18 +416,25 @@ REAL_LIMIT_SCRIPT = textwrap.dedent(
 )
 
 
-def test_real_file_size_limit_leaves_the_run_and_checkpoint_intact(tmp_path):
-    run_dir, model_dir = tmp_path / "run", tmp_path / "model"
+def run_limit_script(script: str, *args: Path, timeout: int) -> dict:
+    """Run ``script`` in a child process (the size limit must not hit pytest itself); it prints
+    its findings as JSON on its last line."""
+    repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-c", REAL_LIMIT_SCRIPT, str(run_dir), str(model_dir)],
+        [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=timeout,
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_real_file_size_limit_leaves_the_run_and_checkpoint_intact(tmp_path):
+    run_dir, model_dir = tmp_path / "run", tmp_path / "model"
+    outcome = run_limit_script(REAL_LIMIT_SCRIPT, run_dir, model_dir, timeout=120)
     assert sorted(outcome) == ["checkpoint", "labels", "state"], outcome
     for message in outcome.values():
         assert "File too large" in message and "still valid" in message, message
@@ -700,16 +707,7 @@ CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
 
 def test_real_file_size_limit_keeps_training_state_and_model_checkpoints(tmp_path):
     root = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", CHECKPOINT_LIMIT_SCRIPT, str(root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = run_limit_script(CHECKPOINT_LIMIT_SCRIPT, root, timeout=300)
     outcome = report["outcome"]
     assert sorted(outcome) == ["classifier", "state", "tapt"], outcome
     for name, (what, path) in {

@@ -18,29 +18,21 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_run import TINY, synth_corpus
 
 from after_ray.config import config_from_dict, load_config
 from after_ray.errors import ConfigError, RunStateError
 
 REPO = Path(__file__).resolve().parent.parent
 
-BASE = {
-    "run": {"name": "base", "seed": 0},
-    "corpus": {
-        "name": "synth",
-        "synth": {"n_speakers": 6, "utterances_per_emotion": 3, "seed": 1},
-        "split": {"method": "speaker", "val_fraction": 0.17, "test_fraction": 0.17, "seed": 0},
-    },
-    "tapt": {"steps": 4, "warmup_steps": 1, "checkpoint_every": 4, "batch_size": 8},
-    "finetune": {"epochs": 1, "batch_size": 8},
-    "al": {
-        "strategy": "after",
-        "cold_start": "random",
-        "mc_dropout_samples": 0,
-        "budget": {"unit": "fraction", "initial": 0.25, "per_round": 0.25, "max_total": 0.5},
-    },
-    "ray": {"num_workers": 0, "scoring_batch_size": 32},
-}
+# The shared tiny run, cheaper: TAPT 4 steps, 1 epoch, random cold start, two rounds.
+BASE = copy.deepcopy(TINY)
+BASE["run"] = {"name": "base", "seed": 0}
+BASE["tapt"].update(steps=4, warmup_steps=1)
+BASE["finetune"]["epochs"] = 1
+BASE["al"].update(cold_start="random", mc_dropout_samples=0)
+BASE["al"]["budget"]["max_total"] = 0.5
+BASE["ray"]["scoring_batch_size"] = 32
 
 
 def base_dict(tmp: Path, corpus_root: Path) -> dict:
@@ -56,16 +48,7 @@ def metrics_file(run_dir: Path, round_index: int) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory):
-    from after_ray.corpora.synth import synthesize_corpus
-
-    s = BASE["corpus"]["synth"]
-    root = tmp_path_factory.mktemp("sweep-corpus") / "synth"
-    return synthesize_corpus(
-        root,
-        n_speakers=s["n_speakers"],
-        utterances_per_emotion=s["utterances_per_emotion"],
-        seed=s["seed"],
-    )
+    return synth_corpus(tmp_path_factory.mktemp("sweep-corpus") / "synth")
 
 
 # ------------------------------------------------------------------------------ no Ray needed
