@@ -1,16 +1,16 @@
-"""Load test of the selection path at pool scale: shards on disk -> pool -> selection -> run state.
+"""Load test of the selection path at pool scale: the scoring cache on disk -> pool -> selection -> run state.
 
 What one run of :func:`run_load_benchmark` does, in a fresh subprocess (so that the peak resident
 memory it reports is this benchmark's, not the caller's):
 
 1. ``write``: synthesizes ``n`` utterance records chunk by chunk (utt_id, class probabilities
    ``[n, n_classes]``, embeddings ``[n, d]``, penultimate features ``[n, d // 2]``; Gaussian
-   blobs of ~1,000 rows, so k-center has structure to find) and writes them the way the scoring
-   stage's cache holds them: Parquet shards of ``fixed_size_list<float32>`` vectors
-   (:func:`~after_ray.al.embedding_store.write_embedding_shards`), one directory per field.
-2. ``read``: reads the three fields back in chunks
-   (:func:`~after_ray.al.embedding_store.read_embeddings`, rows in ``utt_id`` order, the other
-   two fields aligned to the same ids) and builds the :class:`~after_ray.al.pool.PoolView`.
+   blobs of ~1,000 rows, so k-center has structure to find) and writes them as the scoring
+   stage's cache (:class:`~after_ray.score_cache.ScoresCacheWriter`: one Parquet file of
+   ``fixed_size_list<float32>`` vectors in bounded row groups).
+2. ``read``: reads them back with the scoring stage's own reader
+   (:func:`~after_ray.score_cache.read_scores`: each column streamed into a preallocated
+   matrix in ``utt_id`` order) and builds the :class:`~after_ray.al.pool.PoolView`.
 3. For each strategy (``after``: entropy pre-filter + k-center; ``coreset``: k-center over the
    whole pool) and each of ``rounds`` rounds, in its own run directory: ``select`` (``k`` items
    given everything labeled so far) and ``record`` (``RunState.record_selection`` then
@@ -20,9 +20,9 @@ Per phase it records the wall time and the peak resident memory *of that phase* 
 resetting it through ``/proc/self/clear_refs`` at the phase start; where that is not allowed the
 figure is the process peak so far). The numpy core is all it imports: no torch, no Ray.
 
-The baseline, in a second subprocess that imports the same modules and reads the same shards:
-the whole-table reader (``pyarrow.parquet.read_table`` per field, ``to_numpy`` of the vector
-column, ``np.stack``, rows sorted by ``utt_id`` and the other fields aligned through a dict), then
+The baseline, in a second subprocess that imports the same modules and reads the same cache:
+the whole-table reader (``pyarrow.parquet.read_table`` of the cache file, ``to_numpy`` of each
+vector column, ``np.stack``, rows sorted by ``utt_id``), then
 the same ``PoolView``. Its read phase is timed and measured the same way as ours, and the arrays
 both readers produce must be identical (a digest of ids and matrices is compared).
 
@@ -55,7 +55,7 @@ _CHUNK_ROWS = 50_000
 _BLOB_ROWS = 1_000
 STRATEGIES = ("after", "coreset")
 FIELDS = ("embedding", "penultimate", "probs")
-READ_PHASE = "read shards + pool"
+READ_PHASE = "read score cache + pool"
 BASELINE_NAME = "read_table + to_numpy + np.stack"
 
 
@@ -106,82 +106,69 @@ def utt_id(i: int) -> str:
 
 
 def _write_pool(out: Path, n: int, d: int, n_classes: int, seed: int) -> np.ndarray:
-    """Write the shards; returns each row's true class (the simulated oracle's answer)."""
-    from after_ray.al.embedding_store import write_embedding_shards
+    """Write the scoring cache; returns each row's true class (the simulated oracle's answer)."""
+    from after_ray.score_cache import ScoresCacheWriter
 
     rng = np.random.default_rng(seed)
     n_blobs = max(2, n // _BLOB_ROWS)
     centers = rng.standard_normal((n_blobs, d), dtype=np.float32)
     blob_logits = rng.standard_normal((n_blobs, n_classes)).astype(np.float32) * 3
-    # float32 throughout (a float64 scalar here would make the penultimate shards float64).
+    # float32 throughout (a float64 scalar here would make the penultimate vectors float64).
     projection = rng.standard_normal((d, max(1, d // 2)), dtype=np.float32)
     projection /= np.float32(np.sqrt(d))
     truth = np.empty(n, dtype=np.int16)
-    for shard, start in enumerate(range(0, n, _CHUNK_ROWS)):
-        m = min(n, start + _CHUNK_ROWS) - start
-        blob = rng.integers(0, n_blobs, m)
-        x = rng.standard_normal((m, d), dtype=np.float32)
-        x *= 0.3
-        x += centers[blob]
-        logits = blob_logits[blob] + rng.standard_normal((m, n_classes)).astype(np.float32)
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        penultimate = np.maximum(x @ projection, 0.0)
-        truth[start : start + m] = blob_logits[blob].argmax(axis=1)
-        ids = [utt_id(i) for i in range(start, start + m)]
-        for field, values in (("embedding", x), ("penultimate", penultimate), ("probs", probs)):
-            # One call per chunk keeps generation memory at one chunk; each call numbers its
-            # shard part-00000, so it is renamed to this chunk's number.
-            staging = out / f".{field}-{shard:05d}"
-            (written,) = write_embedding_shards(
-                ids, values, staging, rows_per_shard=m, column=field
+    # The cache the scoring stage writes (no MC-dropout samples), one chunk at a time so that
+    # generating the pool never holds more than a chunk.
+    with ScoresCacheWriter(out, (0, n_classes)) as writer:
+        for start in range(0, n, _CHUNK_ROWS):
+            m = min(n, start + _CHUNK_ROWS) - start
+            blob = rng.integers(0, n_blobs, m)
+            x = rng.standard_normal((m, d), dtype=np.float32)
+            x *= 0.3
+            x += centers[blob]
+            logits = blob_logits[blob] + rng.standard_normal((m, n_classes)).astype(np.float32)
+            logits -= logits.max(axis=1, keepdims=True)
+            probs = np.exp(logits)
+            probs /= probs.sum(axis=1, keepdims=True)
+            penultimate = np.maximum(x @ projection, 0.0)
+            truth[start : start + m] = blob_logits[blob].argmax(axis=1)
+            writer.add(
+                [utt_id(i) for i in range(start, start + m)],
+                {"probs": probs, "embedding": x, "penultimate": penultimate},
             )
-            final = out / field / f"part-{shard:05d}.parquet"
-            final.parent.mkdir(parents=True, exist_ok=True)
-            written.rename(final)
-            staging.rmdir()
     return truth
 
 
 def _read_pool(out: Path, n_classes: int):
-    from after_ray.al.embedding_store import read_embeddings
+    """Our reader: the scoring stage's own (``score_cache.read_scores``)."""
+    from after_ray.score_cache import read_scores
 
-    ids, embeddings = read_embeddings(out / "embedding", sort_by_id=True, column="embedding")
-    _, penultimate = read_embeddings(out / "penultimate", order=ids, column="penultimate")
-    _, probs = read_embeddings(out / "probs", order=ids, column="probs")
-    if probs.shape[1] != n_classes:
-        raise RuntimeError(f"probs have {probs.shape[1]} classes, expected {n_classes}")
-    return ids.astype(str), embeddings, penultimate, probs
+    scores = read_scores(out)
+    if scores is None or scores.probs.shape[1] != n_classes:
+        raise RuntimeError(f"the score cache in {out} is incomplete or has the wrong classes")
+    return scores.utt_ids.astype(str), scores.embedding, scores.penultimate, scores.probs
 
 
 def _read_pool_baseline(out: Path, n_classes: int):
-    """The baseline reader: every field's shards as one Arrow table, its vector column turned
-    into an object array of per-row arrays and stacked, rows sorted by utt_id, and the other
-    two fields aligned to those ids through a dict (what a first implementation looks like)."""
+    """The baseline reader: the cache file as one Arrow table, each vector column turned into
+    an object array of per-row arrays and stacked, rows sorted by utt_id (what a first
+    implementation looks like)."""
     import pyarrow.parquet as pq
 
-    fields = {}
+    from after_ray.score_cache import SCORES_FILE
+
+    table = pq.read_table(out / SCORES_FILE)
+    ids = np.asarray(table.column("utt_id").to_pylist(), dtype=object)
+    order = np.argsort(ids.astype(str), kind="stable")
+    matrices = []
     for field in FIELDS:
-        table = pq.read_table(out / field)
-        field_ids = np.asarray(table.column("utt_id").to_pylist(), dtype=object)
         matrix = np.stack(table.column(field).to_numpy(zero_copy_only=False))
-        matrix = matrix.astype(np.float32, copy=False)  # the pool's dtype, as ours reads it
-        fields[field] = (field_ids, matrix)
-        del table
-    emb_ids, embeddings = fields["embedding"]
-    order = np.argsort(emb_ids.astype(str), kind="stable")
-    ids = emb_ids[order]
-    embeddings = embeddings[order]
-    aligned = []
-    for field in ("penultimate", "probs"):
-        field_ids, matrix = fields[field]
-        row_of = {u: i for i, u in enumerate(field_ids.tolist())}
-        aligned.append(matrix[np.fromiter((row_of[u] for u in ids), np.int64, count=len(ids))])
-    penultimate, probs = aligned
+        matrices.append(matrix.astype(np.float32, copy=False)[order])
+    del table
+    embeddings, penultimate, probs = matrices
     if probs.shape[1] != n_classes:
         raise RuntimeError(f"probs have {probs.shape[1]} classes, expected {n_classes}")
-    return ids.astype(str), embeddings, penultimate, probs
+    return ids[order].astype(str), embeddings, penultimate, probs
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -204,6 +191,7 @@ def _import_selection_modules():
 
     import after_ray.al.embedding_store  # noqa: F401
     import after_ray.al.kcenter  # noqa: F401
+    import after_ray.score_cache  # noqa: F401
     from after_ray.al.pool import PoolView
     from after_ray.al.state import RunState
     from after_ray.al.strategies import get_strategy
@@ -212,7 +200,7 @@ def _import_selection_modules():
 
 
 def _baseline_child(spec: dict) -> dict:
-    """The baseline reader over the shards ``_child`` wrote, measured like our read phase."""
+    """The baseline reader over the cache ``_child`` wrote, measured like our read phase."""
     PoolView, _, _ = _import_selection_modules()
     n = spec["n"]
     out = Path(spec["out_dir"])
@@ -246,7 +234,7 @@ def _child(spec: dict) -> dict:
     baseline_mb = _status_kb("VmRSS") / 1024
     phases = _Phases()
 
-    with phases.phase("write shards"):
+    with phases.phase("write score cache"):
         truth = _write_pool(out / "scores", n, d, n_classes, seed)
     with phases.phase(READ_PHASE):
         ids, embeddings, penultimate, probs = _read_pool(out / "scores", n_classes)
@@ -324,7 +312,7 @@ def _read_comparison(result: dict) -> list[str]:
     w = 44
     lines = [
         "",
-        f"read shards -> pool ({pool_mb:.0f} MB of pool arrays), ours vs the baseline reader, "
+        f"read score cache -> pool ({pool_mb:.0f} MB of pool arrays), ours vs the baseline reader, "
         "each in its own process:",
         f"{'method':<{w}} {'time (s)':>9} {'peak RSS (MB)':>14} {'peak - RSS at start (MB)':>25}",
     ]
@@ -401,9 +389,9 @@ def run_load_benchmark(
 ) -> dict:
     """Run the load benchmark in a subprocess; returns (and prints) the figures.
 
-    ``baseline`` also runs the baseline reader over the same shards in a second subprocess
+    ``baseline`` also runs the baseline reader over the same cache in a second subprocess
     (``result["baseline"]``; ``result["read_equal"]`` says whether both readers gave the same
-    pool). ``out_dir`` keeps the shards and the two run directories (``runs/after``,
+    pool). ``out_dir`` keeps the cache and the two run directories (``runs/after``,
     ``runs/coreset``); None uses a temporary directory removed afterwards. ``timeout`` applies
     to each subprocess.
     """

@@ -30,7 +30,7 @@ def test_bench_load_prints_our_path_and_the_baseline(capsys, tmp_path):
     assert code == 0, captured.err
     out = captured.out
     assert out.startswith("load benchmark: n=3,000 d=8 classes=4 k=40 rounds=2"), out
-    for phase in ["write shards", "read shards + pool"] + [
+    for phase in ["write score cache", "read score cache + pool"] + [
         f"{step} {name} r{r}"
         for name in ("after", "coreset")
         for r in range(2)
@@ -44,13 +44,12 @@ def test_bench_load_prints_our_path_and_the_baseline(capsys, tmp_path):
     for seconds, peak, _above_start in (ours, baseline):
         assert seconds > 0 and peak > 0
     assert "check: same pool arrays from both readers: True" in out
-    # --out-dir keeps what the run wrote: the shards and both strategies' run directories.
+    # --out-dir keeps what the run wrote: the score cache and both strategies' run directories.
     assert (tmp_path / "runs" / "after" / "state.json").is_file()
     assert (tmp_path / "runs" / "coreset" / "labels.jsonl").is_file()
     assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == [
-        "embedding",
-        "penultimate",
-        "probs",
+        "_DONE.json",
+        "scores.parquet",
     ]
 
 

@@ -1,4 +1,4 @@
-"""Load test: 200,000 utterances through shards -> pool -> AFTER / coreset selection -> run state.
+"""Load test: 200,000 utterances through the scoring cache -> pool -> AFTER / coreset selection -> run state.
 
 Runs ``after_ray.bench_load`` (in its own subprocess) at n=200,000, d=32, k=500, two rounds, and
 checks what it produced on disk, not how fast: the selections have the right sizes and never
@@ -12,7 +12,7 @@ pyarrow, FAISS and Arrow's memory pool (about 250-270 MB measured after the writ
 development machine). The pool arrays (embeddings [N, d], penultimate [N, d/2], probabilities
 [N, C] in float32: 40 MB here) are held once by the pool; the factor 3 leaves room for one
 transient copy while reading and the utt_id arrays (object and fixed-width string, ~35 MB at this
-N). A reader that materialised the shards as whole tables (three copies per field), or a kernel
+N). A reader that materialised the cache as a whole table (three copies per field), or a kernel
 that built an [N, N] or [N, C*H] matrix, breaks it.
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from after_ray.al.embedding_store import read_embeddings
 from after_ray.al.state import LABELS_FILE, RunState, check_run_dir
 from after_ray.al.strategies.hybrid import prefilter_size
 from after_ray.al.strategies.uncertainty import entropy
 from after_ray.bench_load import run_load_benchmark
+from after_ray.score_cache import read_scores
 
 N, D, K, ROUNDS = 200_000, 32, 500, 2
 
@@ -69,7 +69,8 @@ def test_every_pick_has_exactly_one_label_line(load_result):
 def test_after_picks_come_from_the_entropy_prefilter(load_result):
     """Round 0: every AFTER pick is among the ``prefilter_factor * k`` most uncertain items."""
     result, out = load_result
-    ids, probs = read_embeddings(out / "scores" / "probs", column="probs", sort_by_id=True)
+    scores_read = read_scores(out / "scores")
+    ids, probs = scores_read.utt_ids, scores_read.probs
     scores = entropy(probs)
     m = prefilter_size(K, N, 4.0)
     # Ties at the cut are broken by utt_id (ascending), as the strategy does.
@@ -94,7 +95,7 @@ def test_the_baseline_reader_gives_the_same_pool_with_more_memory(load_result):
     assert result["read_equal"] is True  # digests of ids and all three matrices
 
     def read_phase(phases):
-        (row,) = [r for r in phases if r["phase"] == "read shards + pool"]
+        (row,) = [r for r in phases if r["phase"] == "read score cache + pool"]
         return row
 
     ours, baseline = read_phase(result["phases"]), read_phase(result["baseline"]["phases"])

@@ -79,7 +79,7 @@ def test_a_killed_scoring_actor_is_restarted_and_the_scores_are_unchanged(
     (``score_rows`` keeps Ray Data's order; batches are cut from the same input blocks). The
     draws depend on a row's position in its batch, not on which actor or attempt scores it.
     """
-    from after_ray.distributed.scoring import DONE, _read_cache
+    from after_ray.score_cache import DONE, read_scores
 
     with caplog.at_level(logging.INFO, logger="ray.data"):
         clean = _score(scoring_setup, tmp_path / "clean")
@@ -104,7 +104,7 @@ def test_a_killed_scoring_actor_is_restarted_and_the_scores_are_unchanged(
     # The cache written after the kill is complete: read back alone, it gives the same scores.
     (cache_dir,) = [p for p in (tmp_path / "killed").iterdir() if p.is_dir()]
     assert (cache_dir / DONE).is_file()
-    cached = _read_cache(cache_dir, {r["utt_id"] for r in scoring_setup[1]})
+    cached = read_scores(cache_dir, {r["utt_id"] for r in scoring_setup[1]})
     assert cached is not None and list(cached.utt_ids) == list(clean.utt_ids)
     for key in ("probs", "embedding", "penultimate", "mc_probs"):
         np.testing.assert_array_equal(getattr(cached, key), getattr(clean, key), err_msg=key)

@@ -141,7 +141,7 @@ def _scan(files: list[Path], column: str, id_column: str) -> tuple[list[int], in
             if mat.shape[0]:
                 dims.add(mat.shape[1])
         else:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False)
             if id_column not in pf.schema_arrow.names:
                 raise EmbeddingStoreError(f"{f}: no column {id_column!r}")
             rows.append(pf.metadata.num_rows)
@@ -165,7 +165,7 @@ def _iter_shard(f: Path, column: str, id_column: str, batch_rows: int, dim: int,
             e = min(len(ids), s + batch_rows)
             yield ids[s:e].astype(object), (None if mat is None else mat[s:e])
         return
-    pf = pq.ParquetFile(f)
+    pf = pq.ParquetFile(f, pre_buffer=False)
     cols = [id_column] if ids_only else [id_column, column]
     for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
         ids = batch.column(id_column)

@@ -4,9 +4,10 @@ For every utterance: class probabilities, the pooled embedding, the penultimate 
 BADGE needs: gradient embeddings are never materialised) and T Monte-Carlo-dropout probability
 samples (BALD). Long utterances are scored in chunks and averaged per ``utt_id``.
 
-Results are written as Parquet shards under ``<cache_root>/<key>/`` where the key hashes the
-checkpoint's weights, the MC settings and the audio settings, so scoring the same checkpoint
-again (a resumed run, a second strategy over the same model) is read from the cache.
+Results go to a cache directory ``<cache_root>/<key>/`` (layout and memory-bounded reading in
+``after_ray.score_cache``) where the key hashes the checkpoint's weights, the MC settings and the
+audio settings, so scoring the same checkpoint again (a resumed run, a second strategy over the
+same model) is read from the cache.
 """
 
 from __future__ import annotations
@@ -16,48 +17,19 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from after_ray import faults
-from after_ray.atomic import staged_directory
 from after_ray.audio import AudioConfig
 from after_ray.faults import failpoint
+from after_ray.score_cache import ARRAY_KEYS, PoolScores, read_scores, write_scores
 
 log = logging.getLogger(__name__)
 
-DONE = "_DONE.json"
-ARRAY_KEYS = ("probs", "embedding", "penultimate", "mc_probs")
-
-
-@dataclass
-class PoolScores:
-    """Per-utterance scores, rows in ``utt_ids`` order (sorted)."""
-
-    utt_ids: np.ndarray
-    probs: np.ndarray
-    embedding: np.ndarray
-    penultimate: np.ndarray
-    mc_probs: np.ndarray
-
-    def take(self, utt_ids) -> PoolScores:
-        index = {u: i for i, u in enumerate(self.utt_ids)}
-        missing = [u for u in utt_ids if u not in index]
-        if missing:
-            raise KeyError(f"{len(missing)} utterances were not scored, e.g. {missing[:3]}")
-        rows = np.array([index[u] for u in utt_ids], dtype=np.int64)
-        return PoolScores(
-            np.asarray(list(utt_ids), dtype=object),
-            self.probs[rows],
-            self.embedding[rows],
-            self.penultimate[rows],
-            self.mc_probs[rows],
-        )
 
 
 class ScoringActor:
@@ -130,32 +102,6 @@ def cache_key(model_dir: str | os.PathLike, mc_samples: int, seed: int, audio: A
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _read_cache(cache_dir: Path, wanted: set[str]) -> PoolScores | None:
-    done = cache_dir / DONE
-    if not done.is_file():
-        return None
-    table = pq.read_table(cache_dir / "scores.parquet")
-    ids = set(table.column("utt_id").to_pylist())
-    if not wanted <= ids:
-        return None
-    return _to_pool_scores(table)
-
-
-def _to_pool_scores(table: pa.Table) -> PoolScores:
-    table = table.sort_by("utt_id")
-    cols = {k: np.asarray(table.column(k).to_pylist(), dtype=np.float32) for k in ARRAY_KEYS}
-    mc_shape = table.column("mc_shape").to_pylist()
-    n = table.num_rows
-    t, c = (int(mc_shape[0][0]), int(mc_shape[0][1])) if n else (0, 0)
-    return PoolScores(
-        utt_ids=np.asarray(table.column("utt_id").to_pylist(), dtype=object),
-        probs=cols["probs"],
-        embedding=cols["embedding"],
-        penultimate=cols["penultimate"],
-        mc_probs=cols["mc_probs"].reshape(n, t, c),
-    )
-
-
 def score_rows(
     rows: list[dict[str, Any]],
     model_dir: str | os.PathLike,
@@ -175,7 +121,7 @@ def score_rows(
 
     wanted = {r["utt_id"] for r in rows}
     cache_dir = Path(cache_root) / cache_key(model_dir, mc_samples, seed, audio)
-    cached = _read_cache(cache_dir, wanted)
+    cached = read_scores(cache_dir, wanted)
     if cached is not None:
         log.info("scores for %d utterances read from cache %s", len(wanted), cache_dir)
         return cached.take(sorted(wanted))
@@ -212,41 +158,36 @@ def score_rows(
     saved = copy.deepcopy(ctx.execution_options)
     ctx.execution_options.preserve_order = True  # the same batches on every run: reproducible MC
     try:
-        chunks: dict[str, list] = {k: [] for k in ("utt_id", "length", *ARRAY_KEYS, "mc_shape")}
+        # Whole batch arrays, concatenated once: no per-row Python objects for a big pool.
+        parts: dict[str, list] = {k: [] for k in ("utt_id", "length", *ARRAY_KEYS, "mc_shape")}
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for key in chunks:
-                chunks[key].extend(list(batch[key]))
+            for key in parts:
+                parts[key].append(np.asarray(batch[key]))
     finally:
         ctx.execution_options = saved
-    if not chunks["utt_id"]:
+    if not parts["utt_id"] or not sum(len(p) for p in parts["utt_id"]):
         raise RuntimeError("scoring produced no rows: every file failed to decode")
-    mc_shape = tuple(int(v) for v in chunks["mc_shape"][0])
+    mc_shape = tuple(int(v) for v in parts["mc_shape"][0][0])
+    n_chunks = sum(len(p) for p in parts["utt_id"])
     flat = {
-        "utt_id": np.asarray(chunks["utt_id"], dtype=object),
-        "lengths": np.asarray(chunks["length"], dtype=np.int64),
-        "probs": np.stack(chunks["probs"]),
-        "embedding": np.stack(chunks["embedding"]),
-        "penultimate": np.stack(chunks["penultimate"]),
-        "mc_probs": np.stack(chunks["mc_probs"]).reshape(len(chunks["utt_id"]), *mc_shape),
+        "utt_id": np.concatenate(parts["utt_id"]).astype(object),
+        "lengths": np.concatenate(parts["length"]).astype(np.int64),
+        "probs": np.concatenate(parts["probs"]),
+        "embedding": np.concatenate(parts["embedding"]),
+        "penultimate": np.concatenate(parts["penultimate"]),
+        "mc_probs": np.concatenate(parts["mc_probs"]).reshape(n_chunks, *mc_shape),
     }
+    del parts
     failpoint("score")
     merged = average_chunks(flat)
-    n = len(merged["utt_id"])
-    table = pa.table(
-        {
-            "utt_id": pa.array([str(u) for u in merged["utt_id"]]),
-            **{
-                k: pa.array(list(np.asarray(merged[k]).reshape(n, -1)), type=pa.list_(pa.float32()))
-                for k in ARRAY_KEYS
-            },
-            "mc_shape": pa.array([list(mc_shape)] * n, type=pa.list_(pa.int64())),
-        }
+    del flat
+    order = np.argsort(merged["utt_id"].astype(str), kind="stable")
+    scores = PoolScores(
+        utt_ids=merged["utt_id"][order],
+        probs=merged["probs"][order],
+        embedding=merged["embedding"][order],
+        penultimate=merged["penultimate"][order],
+        mc_probs=merged["mc_probs"][order],
     )
-    _write_cache(cache_dir, table)
-    return _to_pool_scores(table).take(sorted(wanted & set(table.column("utt_id").to_pylist())))
-
-
-def _write_cache(cache_dir: Path, table: pa.Table) -> None:
-    with staged_directory(cache_dir) as staging:
-        pq.write_table(table, staging / "scores.parquet")
-        (staging / DONE).write_text(json.dumps({"rows": table.num_rows}))
+    write_scores(cache_dir, scores)
+    return scores.take(sorted(wanted & set(scores.utt_ids.tolist())))

@@ -118,6 +118,16 @@ def average_chunks(
     """
     utt_ids = np.asarray(scores["utt_id"]).astype(str)
     unique, first_index, inverse = np.unique(utt_ids, return_index=True, return_inverse=True)
+    if len(unique) == len(utt_ids):
+        # One chunk per utterance (the usual case): nothing to average, and no float64 copies
+        # of a pool's matrices.
+        out = {"utt_id": np.asarray(scores["utt_id"], dtype=object)}
+        for key in SCORE_KEYS:
+            if key in scores:
+                out[key] = np.asarray(scores[key], dtype=np.float32)
+        if "lengths" in scores:
+            out["lengths"] = np.asarray(scores["lengths"], dtype=np.int64)
+        return out
     order = np.argsort(first_index)  # unique is sorted; keep first-appearance order instead
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
