@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:
+        # FAISS logs each CPU-feature library it tries (and fails) to load, at INFO.
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     from after_ray.distributed.session import quiet_environment
 
     quiet_environment()
