@@ -46,6 +46,8 @@ __all__ = ["BadgeStats", "badge_kmeanspp", "badge_kmeanspp_explicit", "gradient_
 
 
 _ZERO_REL = 1e-12  # distances below this fraction of ||g_i||^2 + ||g_c||^2 are exact zeros
+# Values per [rows x centers] temporary in a refresh block (512 kB of float64).
+_BLOCK_VALUES = 65_536
 
 
 class BadgeStats:
@@ -144,32 +146,41 @@ def badge_kmeanspp(
     st.picks = 1
 
     def refresh(idx: np.ndarray, j: int) -> None:
-        """Exact d2 for rows idx against centers ep[idx]..j-1."""
+        """Exact d2 for rows idx against centers ep[idx]..j-1.
+
+        In blocks of rows whose [rows x centers] temporaries stay a few MB: larger ones are
+        fresh mmap'd memory every time, and their page faults cost more than the arithmetic."""
         stale = idx[ep[idx] < j]
         if not len(stale):
             return
         lo = int(ep[stale].min())
-        rows = h_rows(stale)
-        dist = (rows @ c_h[lo:j].T) * (a[stale] @ c_a[lo:j].T)
-        dist *= -2.0
-        scale = gn[stale][:, None] + c_g[lo:j][None, :]
-        dist += scale
-        dist[dist < _ZERO_REL * scale] = 0.0
-        best = dist.min(axis=1)
-        d2[stale] = np.minimum(d2[stale], best)
+        block = max(1, _BLOCK_VALUES // (j - lo))
+        for s in range(0, len(stale), block):
+            rows = stale[s : s + block]
+            dist = (h_rows(rows) @ c_h[lo:j].T) * (a[rows] @ c_a[lo:j].T)
+            dist *= -2.0
+            scale = gn[rows][:, None] + c_g[lo:j][None, :]
+            dist += scale
+            dist[dist < _ZERO_REL * scale] = 0.0
+            d2[rows] = np.minimum(d2[rows], dist.min(axis=1))
         ep[stale] = j
         st.refreshed_rows += len(stale)
-        st.refresh_pairs += dist.size
+        st.refresh_pairs += len(stale) * (j - lo)
 
     rng = np.random.default_rng(seed)
     t_loop = time.perf_counter()
     st.setup_s = t_loop - t_start
+    # Per-pick work over all m candidates reuses these buffers: allocating three m-sized
+    # arrays per pick cost more in page faults than the arithmetic.
+    u = np.empty(m, dtype=np.float64)
+    lb = np.empty(m, dtype=np.float64)
+    below = np.empty(m, dtype=bool)
     with np.errstate(divide="ignore", invalid="ignore"):
         for j in range(1, k):
-            u = rng.random(m)
+            rng.random(out=u)  # the same draws as rng.random(m)
             # lb <= -log(u) / d2_exact because -log(u) >= 1 - u and d2 >= d2_exact; chosen rows
             # (d2 == 0) and exact duplicates of centers get +inf.
-            lb = np.subtract(1.0, u)
+            np.subtract(1.0, u, out=lb)
             np.divide(lb, d2, out=lb)
             while True:
                 i = int(np.argmin(lb))
@@ -182,7 +193,7 @@ def badge_kmeanspp(
                 lb[i] = key_i
                 if not np.isfinite(key_i):
                     continue  # it coincides with a center; look again
-                rivals = np.flatnonzero(lb <= key_i)  # sorted; includes i
+                rivals = np.flatnonzero(np.less_equal(lb, key_i, out=below))  # sorted; has i
                 if len(rivals) == 1:
                     break
                 refresh(rivals, j)
