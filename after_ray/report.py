@@ -544,10 +544,13 @@ def _group_label(key: Mapping[str, Any], varying: Sequence[str], kind: str) -> s
     parts = []
     if kind == FULL_DATA_KIND:
         parts.append("full-data fine-tune")
-    elif "strategy" in key:
-        parts.append(str(key["strategy"]) + ("" if kind == AL_KIND else f" ({kind})"))
     elif kind != AL_KIND:
-        parts.append(kind)
+        # A reference curve of another kind (e.g. the feature baseline): named by its kind.
+        parts.append(kind.replace("_", " "))
+        if "strategy" in key:
+            parts[-1] += f" ({key['strategy']} labels)"
+    elif "strategy" in key:
+        parts.append(str(key["strategy"]))
     shown = [n for n in varying if n not in ("strategy", "kind")]
     if not parts and not shown:  # grouped on fields that are equal everywhere (e.g. by=("kind",))
         shown = [n for n in key if n != "kind"]
@@ -584,10 +587,13 @@ def aggregate(runs: Sequence[RunSummary], by: Sequence[str] | None = None) -> li
         names = sorted({k for i in identities for k in keys[i]})
         return [n for n in names if len({_hashable(keys[i].get(n)) for i in identities}) > 1]
 
-    full = [i for i in buckets if keys[i]["kind"] == FULL_DATA_KIND]
-    curves = [i for i in buckets if keys[i]["kind"] != FULL_DATA_KIND]
+    # Families: the AL runs, each other curve kind (a feature baseline's backbone is not a
+    # difference worth naming on every AL curve), and the full-data references.
+    families: dict[str, list[tuple]] = {}
+    for identity in buckets:
+        families.setdefault(keys[identity]["kind"], []).append(identity)
     groups: list[GroupSummary] = []
-    for family in (curves, full):
+    for family in families.values():
         varying = varying_fields(family)
         for identity in family:
             members = sorted(buckets[identity], key=_seed_sort_key)
