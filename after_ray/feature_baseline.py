@@ -5,7 +5,8 @@ A stable reference curve for the demo report (the BRIEF's measurement on the dem
 points; this baseline is cheap enough to average over several random draws per labeled fraction,
 so it shows where a curve should be, whatever one AL run happens to do.
 
-Features per utterance (all numpy, 16 kHz mono after the same decoding as the model's):
+Features per utterance (all numpy; decoded, downmixed and resampled as for the model, but not
+normalised, since loudness is one of the cues):
 duration; frame log-energy mean, std, 10th/50th/90th percentiles; pitch from the normalised
 autocorrelation of voiced frames (log F0 mean, std, 10th/90th percentiles, voiced fraction); and
 the mean and std of 40 log-mel bands. The classifier is an L2-regularised multinomial logistic

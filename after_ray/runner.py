@@ -228,12 +228,14 @@ def _without_lost_files(config: Config, pool_rows: list[dict], scores) -> list[d
     lost = [r for r in pool_rows if r["utt_id"] not in scored]
     if not lost:
         return pool_rows
+    from after_ray.prepare import QUARANTINE_FILE
     from after_ray.quarantine import csv_twin, quarantine_lost_files
 
-    quarantine_lost_files(lost, config.audio, config.run_dir / "quarantine.parquet")
+    table_path = config.run_dir / QUARANTINE_FILE
+    quarantine_lost_files(lost, config.audio, table_path)
     print(
         f"quarantine: {len(lost)} pool files broke since prepare and are left out "
-        f"(e.g. {lost[0]['path']}); see {csv_twin(config.run_dir / 'quarantine.parquet')}",
+        f"(e.g. {lost[0]['path']}); see {csv_twin(table_path)}",
         flush=True,
     )
     return [r for r in pool_rows if r["utt_id"] in scored]

@@ -58,6 +58,13 @@ def weights_of(classifier_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(classifier_dir / "classifier.safetensors"))
 
 
+def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Bit-identical: the same tensors with the same values."""
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_worker_ddp_tapt_survives_a_worker_killed_mid_run(
@@ -83,9 +90,7 @@ def test_two_worker_ddp_tapt_survives_a_worker_killed_mid_run(
                        out_dir=tmp_path / "model-killed")
     assert marker.exists()  # a worker really died
     assert summary["steps"] == 4 and summary["resumed_from_step"] == 2
-    again = weights(tmp_path / "model-killed")
-    for key in trained:
-        np.testing.assert_array_equal(trained[key], again[key], err_msg=key)
+    assert_same_weights(trained, weights(tmp_path / "model-killed"))
 
 
 @pytest.mark.slow
@@ -121,10 +126,7 @@ def test_tapt_killed_after_first_checkpoint_resumes_to_the_same_weights(
     summary = run_tapt(**common, storage_path=tmp_path / "ray-b", name="t",
                        out_dir=tmp_path / "resumed")
     assert summary["steps"] == 6
-    a, b = weights(tmp_path / "uninterrupted"), weights(tmp_path / "resumed")
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same_weights(weights(tmp_path / "uninterrupted"), weights(tmp_path / "resumed"))
 
 
 @pytest.mark.slow
@@ -199,9 +201,7 @@ def test_finetune_worker_killed_mid_epoch_resumes_from_its_epoch_checkpoint(
     assert [h["train_loss"] for h in summary["history"]] == [
         h["train_loss"] for h in reference["history"]
     ]
-    a, b = weights_of(tmp_path / "local"), weights_of(tmp_path / "worker")
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same_weights(weights_of(tmp_path / "local"), weights_of(tmp_path / "worker"))
 
 
 @pytest.mark.slow

@@ -165,10 +165,10 @@ def score_rows(
                 parts[key].append(np.asarray(batch[key]))
     finally:
         ctx.execution_options = saved
-    if not parts["utt_id"] or not sum(len(p) for p in parts["utt_id"]):
+    n_chunks = sum(len(p) for p in parts["utt_id"])
+    if not n_chunks:
         raise RuntimeError("scoring produced no rows: every file failed to decode")
     mc_shape = tuple(int(v) for v in parts["mc_shape"][0][0])
-    n_chunks = sum(len(p) for p in parts["utt_id"])
     flat = {
         "utt_id": np.concatenate(parts["utt_id"]).astype(object),
         "lengths": np.concatenate(parts["length"]).astype(np.int64),
@@ -181,13 +181,13 @@ def score_rows(
     failpoint("score")
     merged = average_chunks(flat)
     del flat
-    order = np.argsort(merged["utt_id"].astype(str), kind="stable")
+    # In stream order: the cache reader and the take below both put the rows in utt_id order.
     scores = PoolScores(
-        utt_ids=merged["utt_id"][order],
-        probs=merged["probs"][order],
-        embedding=merged["embedding"][order],
-        penultimate=merged["penultimate"][order],
-        mc_probs=merged["mc_probs"][order],
+        utt_ids=merged["utt_id"],
+        probs=merged["probs"],
+        embedding=merged["embedding"],
+        penultimate=merged["penultimate"],
+        mc_probs=merged["mc_probs"],
     )
     write_scores(cache_dir, scores)
     return scores.take(sorted(wanted & set(scores.utt_ids.tolist())))
