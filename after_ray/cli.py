@@ -203,6 +203,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _load(args), utterances=args.utterances, presets=tuple(args.backbones.split(","))
         )
         return 0
+    if args.what == "al":
+        from after_ray.bench_al import run_al_benchmark
+
+        run_al_benchmark(
+            _load(args),
+            arms=[a.strip() for a in args.arms.split(",") if a.strip()],
+            seeds=list(range(args.n_seeds)),
+            name=args.name,
+            max_concurrent_trials=args.max_concurrent_trials,
+        )
+        return 0
     raise AfterRayError(f"unknown benchmark {args.what!r}")
 
 
@@ -317,7 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = command("bench", cmd_bench, "benchmarks: our code against a baseline in the same run")
-    p.add_argument("what", choices=["audio", "select", "load", "finetune"])
+    p.add_argument("what", choices=["al", "audio", "select", "load", "finetune"])
+    p.add_argument(
+        "--arms",
+        default="after,random,entropy,coreset",
+        help="al: strategies compared (must include random; the config's own strategy keeps its "
+        "cold start, the others start from random labels)",
+    )
+    p.add_argument("--n-seeds", type=int, default=5, help="al: seeds 0..N-1, paired across arms")
+    p.add_argument("--name", help="al: sweep name (default bench-al-<run.name>)")
+    p.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="al: default: what the cluster holds without the Tune + Data/Train deadlock",
+    )
     p.add_argument(
         "--n-files", type=int, default=200, help="audio: total files (alternating over the rates)"
     )

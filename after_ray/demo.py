@@ -1,11 +1,13 @@
 """`after-ray demo`: the whole AFTER method on the synthesized corpus, with its comparisons.
 
-Three runs share the prepared corpus and one TAPT model: the AFTER loop (clustering-informed
-cold start, then the informative-and-diverse hybrid), the same loop with random selection, and
-a fine-tune on the whole labeled pool (the horizontal reference). A feature baseline (logistic
-regression on energy/pitch/log-mel statistics, five random draws per labeled fraction) gives a
-stable reference curve. The report puts them side by side. One seed shows the machinery; a claim that one strategy beats another needs the seed
-bands of a sweep, which the report says.
+For each of ``DEMO_SEEDS`` seeds, three runs share the prepared corpus, one TAPT model and (in
+``finetune.mode: head``, the demo's setting) one cached feature pass: the AFTER loop
+(clustering-informed cold start, then the informative-and-diverse hybrid), the same loop with
+random selection, and a fine-tune on the whole labeled pool (the horizontal reference). A
+feature baseline (logistic regression on energy/pitch/log-mel statistics, five random draws per
+labeled fraction) gives a reference curve from hand-made features. The report puts them side by
+side with seed bands; the paired statistics (intervals, wins, labels saved) are
+``after-ray bench al``'s.
 """
 
 from __future__ import annotations
@@ -73,19 +75,32 @@ def feature_baseline(config: Config, run_dir: Path, draws: int = 5) -> list[Path
     return dirs
 
 
-def run_demo(config: Config) -> Path:
+# Seeds of the demo: enough for seed bands; `after-ray bench al` runs more arms with intervals.
+DEMO_SEEDS = 5
+
+
+def seed_config(config: Config, offset: int) -> Config:
+    """The config with run.seed + offset, written to its own run dirs (``<name>-s<seed>``)."""
+    seed = config.run.seed + offset
+    run = dataclasses.replace(config.run, seed=seed, name=f"{config.run.name}-s{seed}")
+    return dataclasses.replace(config, run=run)
+
+
+def run_demo(config: Config, *, seeds: int = DEMO_SEEDS) -> Path:
     started = time.perf_counter()
-    arms = arm_configs(config)
-    run_dirs = []
-    for label, arm in arms.items():
-        print(
-            f"\n=== {label}: strategy={arm.al.strategy}, cold start={arm.al.cold_start} ===",
-            flush=True,
-        )
-        outcome = run_active_learning(arm)
-        run_dirs.append(outcome.run_dir)
-    print("\n=== full-data fine-tune (reference) ===", flush=True)
-    full = run_full_data(config)
+    run_dirs: list[Path] = []
+    full_dirs: list[Path] = []
+    for offset in range(seeds):
+        seeded = seed_config(config, offset)
+        for label, arm in arm_configs(seeded).items():
+            print(
+                f"\n=== seed {seeded.run.seed}, {label}: strategy={arm.al.strategy}, "
+                f"cold start={arm.al.cold_start} ===",
+                flush=True,
+            )
+            run_dirs.append(run_active_learning(arm).run_dir)
+        print(f"\n=== seed {seeded.run.seed}, full-data fine-tune (reference) ===", flush=True)
+        full_dirs.append(run_full_data(seeded).run_dir)
     print("\n=== feature baseline (logistic regression, 5 random draws) ===", flush=True)
     baseline_dirs = feature_baseline(config, run_dirs[0])
     from after_ray.report import write_report
@@ -94,9 +109,37 @@ def run_demo(config: Config) -> Path:
     report = write_report(
         [*run_dirs, *baseline_dirs],
         out_dir,
-        title="after-ray demo (synthesized corpus, one seed)",
-        reference_dirs=[full.run_dir],
+        title=f"after-ray demo (synthesized corpus, {seeds} seeds)",
+        reference_dirs=full_dirs,
     )
     minutes = (time.perf_counter() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min; report: {report}", flush=True)
+    _compare_with_committed(config, report.parent / "report.json")
     return report
+
+
+# The report committed with the code (docs/demo-report/), made by `make demo` with the defaults.
+COMMITTED_REPORT = Path(__file__).resolve().parent.parent / "docs" / "demo-report" / "report.json"
+
+
+def _compare_with_committed(config: Config, report_json: Path) -> None:
+    """Say whether this run reproduced the committed demo report exactly (same seeds, same
+    code: every round's metrics and selections must be equal)."""
+    import json
+
+    from after_ray.config import load_config
+    from after_ray.report import compare_outcomes
+
+    if not COMMITTED_REPORT.is_file() or not report_json.is_file():
+        return
+    demo_yaml = COMMITTED_REPORT.parent.parent.parent / "configs" / "demo.yaml"
+    if not demo_yaml.is_file() or config.to_dict() != load_config(demo_yaml, []).to_dict():
+        print("(not compared with docs/demo-report: the config differs from demo.yaml)")
+        return
+    problems = compare_outcomes(
+        json.loads(COMMITTED_REPORT.read_text()), json.loads(report_json.read_text())
+    )
+    if problems:
+        print(f"differs from {COMMITTED_REPORT}: " + "; ".join(problems[:10]), flush=True)
+    else:
+        print(f"reproduces {COMMITTED_REPORT} exactly (every round's metrics and selections)")

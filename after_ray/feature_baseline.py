@@ -72,7 +72,7 @@ def utterance_features(wave: np.ndarray, sample_rate: int) -> np.ndarray:
     # Pitch: the autocorrelation peak between the lags of 400 Hz and 60 Hz, on frames louder than
     # the median; a frame is voiced when its normalised peak is above 0.3.
     spectrum = np.fft.rfft(frames, n=2 * n_fft, axis=1)
-    autocorr = np.fft.irfft(np.abs(spectrum) ** 2, axis=1)[:, : n_fft]
+    autocorr = np.fft.irfft(np.abs(spectrum) ** 2, axis=1)[:, :n_fft]
     lo, hi = int(sample_rate / _F0_MAX), min(int(sample_rate / _F0_MIN), win - 1)
     peak_lag = lo + np.argmax(autocorr[:, lo:hi], axis=1)
     strength = autocorr[np.arange(n_frames), peak_lag] / np.maximum(autocorr[:, 0], 1e-12)

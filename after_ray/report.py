@@ -44,6 +44,7 @@ started); ``strict=True`` raises instead, and a report with no loadable run rais
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -1282,3 +1283,39 @@ def write_report(
     return atomic_write_text(
         out_dir / REPORT_MD, render_markdown(report, figures), what="the report"
     )
+
+
+# Per-round fields that are outcomes of a run (not timings, paths or dates): what must be equal
+# when the same command runs again with the same seed.
+OUTCOME_ROUND_FIELDS = (
+    "round", "n_labeled", "labeled_fraction", "ua", "wa", "macro_f1", "val_ua", "confusion",
+    "selected_class_counts",
+)  # fmt: skip
+
+
+def outcome_view(report_json: Mapping[str, Any]) -> dict[str, Any]:
+    """A report.json reduced to its outcomes: per run name, the rounds' metrics and selections."""
+    view = {}
+    for run in report_json.get("runs", []):
+        view[run["name"]] = {
+            "rounds": [{k: r.get(k) for k in OUTCOME_ROUND_FIELDS} for r in run.get("rounds", [])],
+            "selection_counts": run.get("selection_counts"),
+        }
+    return view
+
+
+def compare_outcomes(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """Differences between two report.json outcome views (empty = the same runs, rounds,
+    metrics and selections, to the last digit)."""
+    want, got = outcome_view(expected), outcome_view(actual)
+    problems = [f"run {n} missing" for n in sorted(set(want) - set(got))]
+    problems += [f"run {n} not in the expected report" for n in sorted(set(got) - set(want))]
+    for name in sorted(set(want) & set(got)):
+        if want[name]["selection_counts"] != got[name]["selection_counts"]:
+            problems.append(f"run {name}: selections differ")
+        for w, g in itertools.zip_longest(want[name]["rounds"], got[name]["rounds"]):
+            if w != g:
+                where = (w or g or {}).get("round")
+                fields = [k for k in OUTCOME_ROUND_FIELDS if (w or {}).get(k) != (g or {}).get(k)]
+                problems.append(f"run {name} round {where}: {', '.join(fields)} differ")
+    return problems

@@ -59,6 +59,8 @@ def _identity(config: Config, kind: str) -> dict[str, Any]:
         "budget": dataclasses.asdict(config.al.budget),
         "backbone": dataclasses.asdict(config.backbone),
         "tapt": dataclasses.asdict(config.tapt),
+        # Only when not the default, so run dirs written before the key existed still resume.
+        **({"finetune_mode": config.finetune.mode} if config.finetune.mode != "full" else {}),
     }
 
 
@@ -330,6 +332,7 @@ def _finetune_round(
     rows_by_utt,
     val_rows,
     class_names,
+    features=None,
 ) -> str:
     ref = state.checkpoint(round_index)
     if ref is not None and _usable_model(ref):
@@ -350,6 +353,23 @@ def _finetune_round(
     if ft_cfg.init == "warm" and round_index > 0:
         warm = state.checkpoint(round_index - 1)
     out_dir = (config.run_dir / "rounds" / f"round_{round_index:03d}" / "model").resolve()
+    if features is not None:  # finetune.mode: head
+        from after_ray.head_rounds import train_round_head
+
+        failpoint("stage:finetune")
+        with state.timed("finetune", round_index):
+            train_round_head(
+                config,
+                features,
+                backbone_dir=backbone_dir,
+                train_rows=train_rows,
+                val_rows=val_rows,
+                class_names=class_names,
+                seed=ft_cfg.seed,
+                out_dir=out_dir,
+            )
+        state.record_checkpoint(round_index, str(out_dir))
+        return str(out_dir)
     backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
     _ray(config)
     failpoint("stage:finetune")
@@ -384,11 +404,18 @@ def _evaluate(
     class_names,
     pool_size: int,
     durations,
+    features=None,
 ) -> dict:
     existing = state.metrics(round_index)
     if existing is not None:
         return existing
-    scores = _score(config, state, model_dir, test_rows, "test", round_index)
+    if features is not None:  # finetune.mode: head: the head on cached test features
+        failpoint("stage:score_test")
+        with state.timed("score_test", round_index):
+            test_ids = sorted(r["utt_id"] for r in test_rows if r["utt_id"] in features.utt_ids)
+            scores = features.score(model_dir, test_ids, mc_samples=0, seed=config.run.seed)
+    else:
+        scores = _score(config, state, model_dir, test_rows, "test", round_index)
     index = {c: i for i, c in enumerate(class_names)}
     truth = {r["utt_id"]: r["label"] for r in test_rows}
     y_true = np.asarray([index[truth[u]] for u in scores.utt_ids])
@@ -445,6 +472,7 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
         _write_run_info(config, kind, len(pool_rows), class_names)
 
         backbone_dir = stage_tapt(config, state, pool_rows)
+        features = _feature_space(config, state, backbone_dir, rows, class_names)
         budget = Budget.from_config(config.al.budget)
         votes = config.al.oracle.votes_per_item or 1
         schedule = budget.schedule(
@@ -454,7 +482,11 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
         previous_model: str | None = None
         for round_index, target in enumerate(schedule):
             if state.selection(round_index) is None:
-                if round_index == 0:
+                if features is not None:
+                    scores = _head_mode_scores(
+                        config, state, round_index, features, pool_rows, previous_model
+                    )
+                elif round_index == 0:
                     scores = None
                     if get_strategy(config.al.cold_start).requires:
                         embed_dir = _embed_model(config, state, backbone_dir, class_names)
@@ -474,7 +506,14 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
             if not _acquire_labels(config, state, round_index, rows_by_utt, class_names, waiting):
                 return RunOutcome(run_dir, finished=False, waiting_for_labels=round_index)
             previous_model = _finetune_round(
-                config, state, round_index, backbone_dir, rows_by_utt, val_rows, class_names
+                config,
+                state,
+                round_index,
+                backbone_dir,
+                rows_by_utt,
+                val_rows,
+                class_names,
+                features,
             )
             _evaluate(
                 config,
@@ -485,9 +524,25 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
                 class_names,
                 len(pool_rows),
                 durations,
+                features,
             )
         state.mark_stage_done("finished", {"rounds": len(schedule)})
     return RunOutcome(run_dir, finished=True)
+
+
+def _head_mode_scores(
+    config: Config, state: RunState, round_index: int, features, pool_rows, model_dir
+):
+    """The pool's scores in ``finetune.mode: head``: the cached features before any model
+    exists (cold start), then the previous round's head applied to them."""
+    pool_ids = sorted(r["utt_id"] for r in pool_rows if r["utt_id"] in features.utt_ids)
+    if round_index == 0:
+        return features.cold_start_scores(pool_ids)
+    failpoint("stage:score_pool")
+    with state.timed("score_pool", round_index):
+        return features.score(
+            model_dir, pool_ids, mc_samples=config.al.mc_dropout_samples, seed=config.run.seed
+        )
 
 
 def _write_run_info(config: Config, kind: str, pool_size: int, class_names) -> None:
@@ -536,6 +591,29 @@ def _open_prepared(config: Config, state: RunState):
     stage_prepare(config, state)
     table = manifest.read_manifest(config.run_dir / "manifest.parquet")
     return table, table.to_pylist()
+
+
+def _feature_space(config: Config, state: RunState, backbone_dir: str, rows, class_names):
+    """``finetune.mode: head``: the cached features of every labeled-or-pool row; else None."""
+    if config.finetune.mode != "head":
+        return None
+    from after_ray.head_rounds import FeatureSpace
+
+    used = [r for r in rows if r["split"] == "train" or r["label"] is not None]
+    pool_ids = [r["utt_id"] for r in rows if r["split"] == "train"]
+    return FeatureSpace.build(config, state, backbone_dir, used, pool_ids, class_names)
+
+
+def run_shared_stages_only(config: Config) -> str:
+    """Prepare, TAPT and (``finetune.mode: head``) the feature pass: what every arm of a sweep
+    shares, run once before the trials start. Returns the backbone directory."""
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunState.open(config.run_dir) as state:
+        table, rows = _open_prepared(config, state)
+        backbone_dir = stage_tapt(config, state, [r for r in rows if r["split"] == "train"])
+        class_names = manifest.class_names_of(table, config.corpus.classes)
+        _feature_space(config, state, backbone_dir, rows, class_names)
+        return backbone_dir
 
 
 def run_tapt_only(config: Config) -> str:

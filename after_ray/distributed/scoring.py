@@ -31,7 +31,6 @@ from after_ray.score_cache import ARRAY_KEYS, PoolScores, read_scores, write_sco
 log = logging.getLogger(__name__)
 
 
-
 class ScoringActor:
     """``map_batches`` callable class: loads the checkpoint once per actor.
 

@@ -102,6 +102,7 @@ SWEEP_FILE = "sweep.json"
 REPORT_DIR = "report"
 TUNE_DIR = "tune"
 TAPT_LINK = "_tapt"
+FEATURES_LINK = "_features"
 RUN_INFO_FILE = "run_info.json"
 # Axes averaged over in the report (all other axes tell report groups apart).
 SEED_AXES = ("run.seed",)
@@ -117,7 +118,14 @@ RECORDED_IN_RUN_INFO = {
     "backbone.name_or_path": "backbone",
     "tapt.enabled": "tapt",
 }
-SPEC_KEYS = ("axes", "max_concurrent_trials", "trial_cpus", "trial_gpus", "local_training")
+SPEC_KEYS = (
+    "axes", "max_concurrent_trials", "trial_cpus", "trial_gpus", "local_training", "arms",
+)  # fmt: skip
+# The pseudo-axis that names an arm (a bundle of overrides, see SweepSpec.arms).
+ARM_AXIS = "arm"
+# In an arm's overrides: the kind of run the trial is ("al", or "full_data" for the reference).
+ARM_KIND_KEY = "kind"
+RUN_KINDS = ("al", "full_data")
 # Tune retries a failed trial this many times (a lost node, a killed process); a trial that fails
 # once more is reported as failed and the sweep goes on with the others.
 MAX_TRIAL_FAILURES = 1
@@ -153,9 +161,16 @@ class SweepSpec:
     ``local_training``: run fine-tuning and TAPT in the trial process (``ray.num_workers=0``).
     None = yes on a single machine without GPUs (``ray.use_gpu`` false), no otherwise. An axis
     on ``ray.num_workers`` always wins.
+
+    ``arms``: optional named bundles of overrides that vary *together* (an AL strategy with its
+    own cold start and parameters: ``{"random": {"al.strategy": "random", "al.cold_start":
+    "random"}}``); the grid is then arms x axes, the trial names start with ``arm=<name>``, and
+    run_info.json records the arm. ``kind: full_data`` in an arm makes its trials the full-data
+    reference (one round on the whole pool).
     """
 
     axes: dict[str, list[Any]] = field(default_factory=dict)
+    arms: dict[str, dict[str, Any]] | None = None
     max_concurrent_trials: int | None = None
     trial_cpus: float | None = None
     trial_gpus: float = 0.0
@@ -185,9 +200,29 @@ class SweepSpec:
             trial_cpus=data.get("trial_cpus"),
             trial_gpus=data.get("trial_gpus") or 0.0,
             local_training=data.get("local_training"),
+            arms=data.get("arms"),
         )
         spec.check_resources(where)
+        spec.check_arms(where)
         return spec
+
+    def check_arms(self, where: str = "sweep spec") -> None:
+        if self.arms is None:
+            return
+        if not isinstance(self.arms, dict) or not self.arms:
+            raise ConfigError(f"{where}: 'arms' must map arm names to mappings of overrides")
+        for arm, overrides in self.arms.items():
+            if not isinstance(overrides, dict):
+                raise ConfigError(
+                    f"{where}: arm {arm!r} must be a mapping of dotted keys to values"
+                )
+            kind = overrides.get(ARM_KIND_KEY, "al")
+            if kind not in RUN_KINDS:
+                raise ConfigError(
+                    f"{where}: arm {arm!r} has kind {kind!r}; valid kinds: {', '.join(RUN_KINDS)}"
+                )
+        if ARM_AXIS in self.axes:
+            raise ConfigError(f"{where}: {ARM_AXIS!r} is set by 'arms', not an axis")
 
     def check_resources(self, where: str = "sweep spec") -> None:
         problems = []
@@ -206,10 +241,18 @@ class SweepSpec:
             raise ConfigError(f"{where}: " + "; ".join(problems))
 
     def combinations(self) -> list[dict[str, Any]]:
-        """The grid: one {axis: value} dict per trial."""
-        keys = list(self.axes)
+        """The grid: one {axis: value} dict per trial (``arm`` first when there are arms)."""
+        axes = {ARM_AXIS: list(self.arms)} if self.arms else {}
+        axes.update(self.axes)
+        keys = list(axes)
         return [dict(zip(keys, values, strict=True)) for values in
-                itertools.product(*(self.axes[k] for k in keys))]  # fmt: skip
+                itertools.product(*(axes[k] for k in keys))]  # fmt: skip
+
+    def arm_overrides(self, combo: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The config overrides of a grid point (its arm's, then its axes') and its run kind."""
+        arm = dict((self.arms or {}).get(combo.get(ARM_AXIS), {}))
+        kind = arm.pop(ARM_KIND_KEY, "al")
+        return {**arm, **{k: v for k, v in combo.items() if k != ARM_AXIS}}, kind
 
 
 def _number(value: Any, *, positive: bool) -> bool:
@@ -378,6 +421,7 @@ class TrialPlan:
     name: str
     overrides: dict[str, Any]
     config: Config
+    kind: str = "al"
 
     @property
     def run_dir(self) -> Path:
@@ -456,7 +500,10 @@ def plan_trials(
     sweep_dir = (Path(base.run.output_dir) / name).resolve()
     plans = []
     for trial_name, combo in zip(trial_names(combos), combos, strict=True):
-        texts = [_override_text(k, v) for k, v in combo.items()]
+        overrides, kind = spec.arm_overrides(combo)
+        if kind == "full_data":
+            overrides = {**overrides, **FULL_DATA_OVERRIDES}
+        texts = [_override_text(k, v) for k, v in overrides.items()]
         texts += [_override_text("run.name", trial_name),
                   _override_text("run.output_dir", str(sweep_dir))]  # fmt: skip
         if local_training and "ray.num_workers" not in combo:
@@ -472,8 +519,18 @@ def plan_trials(
                 "the trial process, which holds no GPU; set ray.num_workers >= 1 (the trial's "
                 "Ray Train workers take the GPUs) or reserve trial_gpus for the trial"
             )
-        plans.append(TrialPlan(trial_name, combo, config))
+        plans.append(TrialPlan(trial_name, combo, config, kind))
     return plans
+
+
+# The full-data reference as overrides (runner.full_data_config, without its run-name suffix).
+FULL_DATA_OVERRIDES = {
+    "al.cold_start": "random",
+    "al.budget.unit": "fraction",
+    "al.budget.initial": 1.0,
+    "al.budget.per_round": 1.0,
+    "al.budget.max_total": 1.0,
+}
 
 
 # ------------------------------------------------------------------------------ resources
@@ -570,12 +627,14 @@ class SweepTrial(tune.Trainable):
         config: dict[str, Any],
         trial_configs: dict[str, dict[str, Any]],
         failpoints: dict[str, str] | None = None,
+        trial_kinds: dict[str, str] | None = None,
     ) -> None:
         # The trial process does not inherit the driver's environment: the failpoints of a
         # crash test come with the trainable (faults.snapshot() in the driver).
         faults.install(failpoints)
         self.trial = config["trial"]["name"]
         self.al_config = config_from_dict(copy.deepcopy(trial_configs[self.trial]))
+        self.kind = (trial_kinds or {}).get(self.trial, "al")
         self.run_dir = self.al_config.run_dir
         self.next_round = 0
         self.last_row: dict[str, Any] = {}
@@ -587,7 +646,7 @@ class SweepTrial(tune.Trainable):
 
         def run() -> None:
             try:
-                self.outcome["result"] = run_active_learning(self.al_config)
+                self.outcome["result"] = run_active_learning(self.al_config, kind=self.kind)
             except BaseException as exc:  # noqa: BLE001 - re-raised by step() in Tune's thread
                 self.outcome["error"] = exc
 
@@ -752,37 +811,40 @@ def _record_or_check_sweep(
 
 
 def _link_tapt_cache(base: Config, sweep_dir: Path) -> None:
-    """Trials write TAPT under <sweep dir>/_tapt; point it at <output_dir>/_tapt so a sweep reuses
-    the TAPT models of plain runs in the same output directory (and vice versa)."""
-    link = sweep_dir / TAPT_LINK
-    if link.exists() or link.is_symlink():
-        return
-    target = (Path(base.run.output_dir) / TAPT_LINK).resolve()
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        link.symlink_to(target, target_is_directory=True)
-    except OSError as exc:  # e.g. a filesystem without symlinks: TAPT is then per sweep
-        log.warning("cannot link %s -> %s (%s); TAPT models are kept per sweep", link, target, exc)
+    """Trials write TAPT under <sweep dir>/_tapt (and head-mode features under _features); point
+    them at <output_dir>/_tapt and _features so a sweep reuses what plain runs in the same
+    output directory computed (and vice versa)."""
+    for name in (TAPT_LINK, FEATURES_LINK):
+        link = sweep_dir / name
+        if link.exists() or link.is_symlink():
+            continue
+        target = (Path(base.run.output_dir) / name).resolve()
+        target.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(target, target_is_directory=True)
+        except OSError as exc:  # e.g. a filesystem without symlinks: then kept per sweep
+            log.warning("cannot link %s -> %s (%s); %s is kept per sweep", link, target, exc, name)
 
 
 def _shared_stage_key(config: Config) -> str:
     payload = {
         s: dataclasses.asdict(getattr(config, s)) for s in ("corpus", "audio", "backbone", "tapt")
     }
+    payload["head_features"] = (config.finetune.mode, config.finetune.pooling)
     return json.dumps(payload, sort_keys=True, default=str)
 
 
 def run_shared_stages(plans: list[TrialPlan]) -> None:
     """Prepare + TAPT once per distinct (corpus, audio, backbone, tapt) setting, in the driver,
     before any trial starts: trials then find the corpus built and TAPT in the runner's cache."""
-    from after_ray.runner import run_tapt_only
+    from after_ray.runner import run_shared_stages_only
 
     firsts: dict[str, TrialPlan] = {}
     for plan in plans:
         firsts.setdefault(_shared_stage_key(plan.config), plan)
     for plan in firsts.values():
-        log.info("sweep: shared stages (prepare, TAPT) in %s", plan.run_dir)
-        run_tapt_only(plan.config)
+        log.info("sweep: shared stages (prepare, TAPT, feature pass) in %s", plan.run_dir)
+        run_shared_stages_only(plan.config)
 
 
 def _tag_run_info(plan: TrialPlan) -> None:
@@ -866,7 +928,12 @@ def run_sweep(
 
     trial_configs = {p.name: p.config.to_dict() for p in plans}
     trainable = tune.with_resources(
-        tune.with_parameters(SweepTrial, trial_configs=trial_configs, failpoints=faults.snapshot()),
+        tune.with_parameters(
+            SweepTrial,
+            trial_configs=trial_configs,
+            failpoints=faults.snapshot(),
+            trial_kinds={p.name: p.kind for p in plans},
+        ),
         resources,
     )
     if can_restore:

@@ -37,6 +37,7 @@ from torch import nn
 from after_ray.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
+POOLINGS = ("mean", "attentive", "layer_stats")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class SERClassifier(nn.Module):
         backbone: nn.Module,
         n_classes: int,
         *,
-        pooling: Literal["mean", "attentive"] = "mean",
+        pooling: Literal["mean", "attentive", "layer_stats"] = "mean",
         dropout: float = 0.1,
         proj_size: int | None = None,
         spec_augment: SpecAugment | None = None,
@@ -104,8 +105,8 @@ class SERClassifier(nn.Module):
         super().__init__()
         if n_classes < 2:
             raise ConfigError(f"SERClassifier needs at least 2 classes, got {n_classes}")
-        if pooling not in ("mean", "attentive"):
-            raise ConfigError(f"pooling must be 'mean' or 'attentive', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.backbone = _base_model(backbone)
         config = self.backbone.config
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
@@ -132,14 +133,38 @@ class SERClassifier(nn.Module):
                 if pooling == "attentive"
                 else None
             )
-            self.projector = nn.Linear(hidden, proj_size) if proj_size else None
+            pooled_size = self.pooled_size if pooling == "layer_stats" else hidden
+            self.projector = nn.Linear(pooled_size, proj_size) if proj_size else None
             self.dropout = nn.Dropout(dropout)
-            self.classifier = nn.Linear(proj_size or hidden, n_classes)
+            self.classifier = nn.Linear(proj_size or pooled_size, n_classes)
+        if pooling == "layer_stats":
+            # A fixed standardisation of the pooled statistics (set from the unlabeled pool by
+            # the head trainer, see training/head.py): the statistics of different layers differ
+            # in scale by orders of magnitude, and k-center distances need comparable units.
+            self.register_buffer("pooled_shift", torch.zeros(pooled_size))
+            self.register_buffer("pooled_scale", torch.ones(pooled_size))
 
     # ----------------------------------------------------------------- properties / freezing
     @property
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of ``ClassifierOutput.pooled``: the hidden size, or for ``layer_stats`` the mean
+        and std of the CNN output, the projected features and every Transformer layer."""
+        if self.pooling != "layer_stats":
+            return self.hidden_size
+        config = self.backbone.config
+        cnn = int(config.conv_dim[-1])
+        return 2 * (cnn + self.hidden_size * (1 + int(config.num_hidden_layers)))
+
+    def set_pooled_standardisation(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        """Set the fixed ``(pooled - shift) / scale`` of the ``layer_stats`` head."""
+        if self.pooling != "layer_stats":
+            raise ValueError("only the layer_stats head standardises its pooled features")
+        self.pooled_shift.copy_(torch.as_tensor(shift, dtype=self.pooled_shift.dtype))
+        self.pooled_scale.copy_(torch.as_tensor(scale, dtype=self.pooled_scale.dtype))
 
     @property
     def feature_encoder_frozen(self) -> bool:
@@ -234,16 +259,65 @@ class SERClassifier(nn.Module):
             hidden = hidden.masked_fill(channel_mask.to(hidden.device).unsqueeze(1), 0.0)
         return hidden
 
-    def _contextualise(self, features: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    def _contextualise(
+        self, features: torch.Tensor, frame_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The last hidden state, and for ``layer_stats`` every layer's output (else [])."""
         projected = self.backbone.feature_projection(features)
         # wav2vec2 / WavLM return (projected, normalised input); HuBERT returns the tensor alone.
         hidden = projected[0] if isinstance(projected, tuple) else projected
         if self.training:
             hidden = self._spec_augment(hidden, frame_mask)
-        output = self.backbone.encoder(hidden, attention_mask=frame_mask)
-        return output[0]
+        if self.pooling != "layer_stats":
+            return self.backbone.encoder(hidden, attention_mask=frame_mask)[0], []
+        # Every layer's output through forward hooks: transformers 5 encoders no longer return
+        # hidden states on request, and the hooks work the same for wav2vec2, HuBERT and WavLM
+        # (whose layers return tuples).
+        layers: list[torch.Tensor] = [features, hidden]
+        hooks = [
+            layer.register_forward_hook(
+                lambda _m, _i, out: layers.append(out[0] if isinstance(out, tuple) else out)
+            )
+            for layer in self.backbone.encoder.layers
+        ]
+        try:
+            last = self.backbone.encoder(hidden, attention_mask=frame_mask)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return last, layers
 
-    def _head(self, hidden: torch.Tensor, frame_mask: torch.Tensor) -> ClassifierOutput:
+    @staticmethod
+    def _layer_statistics(layers: list[torch.Tensor], frame_mask: torch.Tensor) -> torch.Tensor:
+        """Mean and standard deviation over valid frames of each layer, concatenated."""
+        weights = frame_mask.unsqueeze(-1).to(layers[0].dtype)
+        count = weights.sum(dim=1).clamp(min=1.0)
+        parts = []
+        for layer in layers:
+            mean = (layer * weights).sum(dim=1) / count
+            var = (((layer - mean.unsqueeze(1)) * weights) ** 2).sum(dim=1) / count
+            parts += [mean, torch.sqrt(var + 1e-8)]
+        return torch.cat(parts, dim=-1)
+
+    def head_from_pooled(self, pooled: torch.Tensor) -> ClassifierOutput:
+        """Penultimate features and logits from pooled features (e.g. cached ones).
+
+        For ``layer_stats`` the input is the raw statistics and ``ClassifierOutput.pooled`` is
+        their standardised form (the head's input, in comparable units for k-center); a model
+        with the default shift 0 / scale 1 returns the raw statistics, which is what the
+        corpus-wide feature pass caches.
+        """
+        if self.pooling == "layer_stats":
+            pooled = (pooled - self.pooled_shift) / self.pooled_scale
+        penultimate = self.projector(pooled) if self.projector is not None else pooled
+        logits = self.classifier(self.dropout(penultimate))
+        return ClassifierOutput(pooled, penultimate, logits)
+
+    def _head(
+        self, hidden: torch.Tensor, frame_mask: torch.Tensor, layers: list[torch.Tensor]
+    ) -> ClassifierOutput:
+        if self.pooling == "layer_stats":
+            return self.head_from_pooled(self._layer_statistics(layers, frame_mask))
         if self.attention is None:
             weights = frame_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
@@ -252,9 +326,7 @@ class SERClassifier(nn.Module):
             scores = scores.masked_fill(~frame_mask, torch.finfo(scores.dtype).min)
             attention = torch.softmax(scores, dim=1)
             pooled = (attention.unsqueeze(-1) * hidden).sum(dim=1)
-        penultimate = self.projector(pooled) if self.projector is not None else pooled
-        logits = self.classifier(self.dropout(penultimate))
-        return ClassifierOutput(pooled, penultimate, logits)
+        return self.head_from_pooled(pooled)
 
     # ----------------------------------------------------------------------------- forward
     def forward_features(
@@ -273,8 +345,8 @@ class SERClassifier(nn.Module):
         elif frame_mask is None:
             frame_mask = torch.ones(cnn_features.shape[:2], dtype=torch.bool)
         frame_mask = frame_mask.to(device=cnn_features.device, dtype=torch.bool)
-        hidden = self._contextualise(cnn_features, frame_mask)
-        return self._head(hidden, frame_mask)
+        hidden, layers = self._contextualise(cnn_features, frame_mask)
+        return self._head(hidden, frame_mask, layers)
 
     def forward(
         self,

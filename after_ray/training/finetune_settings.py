@@ -33,8 +33,22 @@ class FinetuneConfig:
     # Training crop length in seconds (AFTER: 10 s, kept from the start; we crop at random).
     max_duration_s: float = 10.0
 
-    # Head: pooling over valid frames -> dropout -> linear.
-    pooling: Literal["mean", "attentive"] = "mean"
+    # What is trained: "full" = the backbone and the head on audio (AFTER's fine-tuning);
+    # "head" = the backbone stays frozen (the TAPT model as it is), one pass over the corpus
+    # caches each utterance's pooled features, and every round trains only the head on that
+    # cache, in the driver, in about a second (SUPERB's frozen-upstream protocol). "head" needs
+    # pooling "layer_stats" or "mean" and is what the demo and `after-ray bench al` use: rounds
+    # then cost a fraction of a full-data fine-tune, and seeds move UA by ~1 point, not ~5.
+    mode: Literal["full", "head"] = "full"
+    # L2 strengths tried by the "head" trainer (class-weighted logistic regression, full-batch
+    # L-BFGS); the one with the best validation UA is kept, like the best epoch in "full".
+    head_l2_grid: tuple[float, ...] = (1.0e-3, 1.0e-2, 1.0e-1)
+
+    # Head: pooling over valid frames -> dropout -> linear. "layer_stats" pools the mean and std
+    # of every layer (CNN output, projection, each Transformer layer): what a frozen backbone's
+    # head should see (SUPERB weights layers; emotion lives in prosody, i.e. in the spread of
+    # the early layers as much as in the last layer's mean). It cannot be exported to HF.
+    pooling: Literal["mean", "attentive", "layer_stats"] = "mean"
     head_dropout: float = 0.1
     # Optional linear projection before the classifier (None = none). It lowers the size of the
     # penultimate features that BADGE multiplies by the class count. Only "mean" pooling can be
@@ -87,6 +101,16 @@ class FinetuneConfig:
             if not condition:
                 problems.append(f"finetune.{message}")
 
+        need(self.mode in ("full", "head"), f"mode: must be 'full' or 'head', got {self.mode!r}")
+        need(
+            self.mode != "head" or self.pooling in ("mean", "layer_stats"),
+            f"pooling: mode 'head' trains on cached pooled features, so it needs pooling "
+            f"'layer_stats' or 'mean', got {self.pooling!r}",
+        )
+        need(
+            len(self.head_l2_grid) >= 1 and all(v >= 0 for v in self.head_l2_grid),
+            f"head_l2_grid: must list one or more L2 strengths >= 0, got {list(self.head_l2_grid)}",
+        )
         need(self.epochs >= 1, f"epochs: must be at least 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size: must be at least 1, got {self.batch_size}")
         need(

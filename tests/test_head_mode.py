@@ -1,0 +1,136 @@
+"""finetune.mode: head -- layer-statistics pooling, the head trainer, and cached-feature scoring
+against a direct forward pass from audio."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from after_ray.models.backbones import load_backbone
+from after_ray.models.settings import BackboneConfig
+from after_ray.training.finetune import build_classifier
+from after_ray.training.finetune_settings import FinetuneConfig
+from after_ray.training.head import fit_head, head_outputs, pool_standardisation
+from after_ray.training.scoring import score_batch
+
+CLASSES = ["a", "b", "c"]
+
+
+def _model(seed: int = 0, **finetune):
+    cfg = FinetuneConfig(mode="head", pooling="layer_stats", seed=seed, **finetune)
+    backbone = load_backbone(BackboneConfig(name_or_path="tiny", seed=seed), for_pretraining=False)
+    return build_classifier(backbone, len(CLASSES), cfg).eval()
+
+
+def _audio(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = np.zeros((len(lengths), max(lengths)), dtype=np.float32)
+    mask = np.zeros_like(batch, dtype=np.int64)
+    for i, n in enumerate(lengths):
+        batch[i, :n] = rng.normal(size=n) * np.sin(np.linspace(0, 40 * (i + 1), n))
+        mask[i, :n] = 1
+    return torch.from_numpy(batch), torch.from_numpy(mask)
+
+
+def _hand_statistics(model, wave: torch.Tensor) -> torch.Tensor:
+    """Mean and population std over frames of every layer, computed without the model's pooling
+    code: CNN output, projected features, then each Transformer layer (via forward hooks)."""
+    base = model.backbone
+    with torch.no_grad():
+        cnn = base.feature_extractor(wave[None]).transpose(1, 2)[0]
+        projected = base.feature_projection(cnn[None])
+        hidden = projected[0] if isinstance(projected, tuple) else projected
+        outputs = []
+        hooks = [
+            layer.register_forward_hook(
+                lambda _m, _i, o: outputs.append(o[0] if isinstance(o, tuple) else o)
+            )
+            for layer in base.encoder.layers
+        ]
+        base.encoder(hidden)
+        for hook in hooks:
+            hook.remove()
+    layers = [cnn, hidden[0]] + [o[0] for o in outputs]
+    return torch.cat([torch.cat([x.mean(0), x.std(0, unbiased=False)]) for x in layers])
+
+
+def test_layer_stats_pooling_equals_hand_computation_and_ignores_padding():
+    model = _model()
+    waves, mask = _audio([16000, 9000])
+    with torch.no_grad():
+        pooled = model.forward_features(waves, mask).pooled
+    assert pooled.shape == (2, model.pooled_size)
+    for i, n in enumerate([16000, 9000]):
+        expected = _hand_statistics(model, waves[i, :n])
+        torch.testing.assert_close(pooled[i], expected, atol=2e-4, rtol=1e-4)
+
+
+def test_head_fit_separates_classes_picks_l2_on_validation_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    model = _model()
+    dim = model.pooled_size
+    centers = rng.normal(size=(3, dim)) * 3
+    y = np.repeat(np.arange(3), [60, 20, 10])  # skewed: class weights matter
+    x = centers[y] + rng.normal(size=(len(y), dim))
+    yv = np.repeat(np.arange(3), 10)
+    xv = centers[yv] + rng.normal(size=(len(yv), dim))
+    shift, scale = pool_standardisation(x)
+    model.set_pooled_standardisation(torch.as_tensor(shift), torch.as_tensor(scale))
+    # Label noise in the training set: the weakest L2 overfits it, validation decides.
+    noisy = y.copy()
+    noisy[rng.choice(len(y), 25, replace=False)] = rng.integers(0, 3, 25)
+    grid = (1e-4, 1e-2, 1.0)
+    fit = fit_head(model, x, np.eye(3)[noisy], xv, yv, class_names=CLASSES, l2_grid=grid,
+                   class_weighted=True, seed=5)  # fmt: skip
+    assert sorted(fit.val_ua_by_l2) == sorted(grid)
+    best = max(fit.val_ua_by_l2.values())
+    assert fit.l2 == next(v for v in grid if fit.val_ua_by_l2[v] == best)  # first of the best
+    assert fit.val_report["ua"] == best >= 0.9
+    first = model.classifier.weight.detach().clone()
+    again = _model()
+    again.set_pooled_standardisation(torch.as_tensor(shift), torch.as_tensor(scale))
+    fit_head(again, x, np.eye(3)[noisy], xv, yv, class_names=CLASSES, l2_grid=grid,
+             class_weighted=True, seed=5)  # fmt: skip
+    assert torch.equal(first, again.classifier.weight)
+
+
+def test_cached_feature_scores_equal_scoring_the_model_from_audio():
+    """What a head-mode round computes from the cache equals score_batch on the same saved
+    classifier from the waveform (the path `after-ray score` and the actors take)."""
+    model = _model(seed=1, head_dropout=0.2)
+    waves, mask = _audio([12000, 16000, 7000, 10000], seed=3)
+    with torch.no_grad():
+        raw = model.forward_features(waves, mask).pooled.numpy()  # identity standardisation
+    shift, scale = pool_standardisation(raw)
+    model.set_pooled_standardisation(torch.as_tensor(shift), torch.as_tensor(scale))
+    fit_head(model, raw, np.eye(3)[[0, 1, 2, 0]], raw, np.array([0, 1, 2, 0]),
+             class_names=CLASSES, l2_grid=(1e-2,), class_weighted=True, seed=0)  # fmt: skip
+    cached = head_outputs(model, raw, mc_samples=0, seed=0)
+    batch = {"utt_id": ["u0", "u1", "u2", "u3"], "input_values": waves, "attention_mask": mask}
+    direct = score_batch(model, batch, mc_samples=0, seed=0)
+    for key in ("probs", "embedding", "penultimate"):
+        np.testing.assert_allclose(cached[key], direct[key], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(cached["embedding"], (raw - shift) / scale, atol=1e-5)
+    assert not np.allclose(cached["probs"], 1 / 3)  # a trained head, not a uniform stub
+    samples = head_outputs(model, raw, mc_samples=4, seed=7)["mc_probs"]
+    assert samples.shape == (4, 4, 3)
+    assert not np.allclose(samples[:, 0], samples[:, 1])  # dropout on: the samples differ
+    np.testing.assert_array_equal(
+        samples, head_outputs(model, raw, mc_samples=4, seed=7)["mc_probs"]
+    )
+
+
+def test_head_mode_config_rejects_attentive_pooling():
+    problems = FinetuneConfig(mode="head", pooling="attentive").validate()
+    assert any("finetune.pooling" in p and "layer_stats" in p for p in problems)
+    assert FinetuneConfig(mode="head", pooling="layer_stats").validate() == []
+    assert any("finetune.mode" in p for p in FinetuneConfig(mode="both").validate())
+
+
+def test_layer_stats_head_cannot_be_exported(tmp_path):
+    from after_ray.errors import AfterRayError
+    from after_ray.export import export_hf
+
+    with pytest.raises(AfterRayError, match="layer_stats"):
+        export_hf(_model(), CLASSES, tmp_path / "hf")
