@@ -9,14 +9,20 @@ line says how many and where the table is.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from after_ray import manifest, splits
+from after_ray.atomic import staged_directory
 from after_ray.config import Config, CorpusConfig
 from after_ray.corpora import load_corpus
 from after_ray.corpora.labels import apply_label_map, resolve_label_map
@@ -93,8 +99,19 @@ def prepare(config: Config) -> PrepareResult:
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(config.corpus, config.audio.sample_rate)
-    ensure_ray(config.ray)
-    good, quarantined = probe_audio(rows, config.audio)
+    cache = _probe_cache_dir(config, rows)
+    if (cache / PROBE_DONE).is_file():
+        # The same files (path, size, mtime) with the same audio settings were probed before,
+        # e.g. by the other arms and seeds of a demo or sweep: their results are reused.
+        good, quarantined = pq.read_table(cache / PROBE_GOOD), pq.read_table(cache / PROBE_BAD)
+        log.info("prepare: probe results of %d files reused from %s", len(rows), cache)
+    else:
+        ensure_ray(config.ray)
+        good, quarantined = probe_audio(rows, config.audio)
+        with staged_directory(cache, what="the probe cache") as staging:
+            pq.write_table(good, staging / PROBE_GOOD)
+            pq.write_table(quarantined, staging / PROBE_BAD)
+            (staging / PROBE_DONE).write_text("{}")
     good_rows = splits.assign_splits(good.to_pylist(), config.corpus.split)
     table = manifest.rows_to_table(good_rows)
     manifest_path = manifest.write_manifest(table, run_dir / MANIFEST_FILE)
@@ -109,6 +126,27 @@ def prepare(config: Config) -> PrepareResult:
         summary=summary,
         description=manifest.describe(table),
     )
+
+
+PROBE_CACHE_DIR = "_probe"
+PROBE_GOOD, PROBE_BAD, PROBE_DONE = "probed.parquet", "quarantined.parquet", "_DONE"
+
+
+def _probe_cache_dir(config: Config, rows: list[dict[str, Any]]) -> Path:
+    """``<output_dir>/_probe/<key>``: the key hashes the audio settings and every row's
+    path, size and modification time, so a changed or replaced file is probed again."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(config.audio), sort_keys=True).encode())
+    for row in sorted(rows, key=lambda r: r["utt_id"]):
+        try:
+            stat = os.stat(row["path"])
+            signature = (stat.st_size, stat.st_mtime_ns)
+        except OSError as exc:  # probing reports it; the key must still change when it is back
+            signature = (-1, exc.errno)
+        payload = json.dumps(
+            [row["utt_id"], row["path"], *signature, row.get("label")], default=str
+        )
+        digest.update(payload.encode())
+    return Path(config.run.output_dir).resolve() / PROBE_CACHE_DIR / digest.hexdigest()[:20]
 
 
 def manifest_path(config: Config) -> Path:

@@ -3,6 +3,8 @@ against a direct forward pass from audio."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,62 @@ def test_layer_stats_head_cannot_be_exported(tmp_path):
 
     with pytest.raises(AfterRayError, match="layer_stats"):
         export_hf(_model(), CLASSES, tmp_path / "hf")
+
+
+# ----------------------------------------------------------------------- the runner, end to end
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory):
+    from tiny_run import synth_corpus
+
+    return synth_corpus(tmp_path_factory.mktemp("head-corpus") / "synth")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_head_mode_run_reads_audio_once_and_its_models_score_like_the_actor_path(
+    ray_session, corpus_root, tmp_path
+):
+    from tiny_run import outcome, tiny_config
+
+    from after_ray.config import config_from_dict
+    from after_ray.distributed.scoring import score_rows
+    from after_ray.head_rounds import FeatureSpace
+    from after_ray.manifest import read_manifest
+    from after_ray.runner import run_active_learning
+
+    data = tiny_config(tmp_path, corpus_root, finetune={"mode": "head", "pooling": "layer_stats"})
+    config = config_from_dict(data)
+    assert run_active_learning(config).finished
+    timings = json.loads((config.run_dir / "state.json").read_text())["timings"]
+    stages = [t["stage"] for t in timings]
+    assert stages.count("features") == 1 and "embed" not in stages
+    # one feature pass for the whole output dir: a second run (another seed) reuses it
+    other = config_from_dict({**data, "run": {**data["run"], "name": "other", "seed": 4}})
+    assert run_active_learning(other).finished
+    assert len([p for p in (tmp_path / "runs" / "_features").iterdir() if p.is_dir()]) == 1
+    assert outcome(other.run_dir)["selections"] != outcome(config.run_dir)["selections"]
+
+    # the last round's model, scored from audio by the Ray Data actors, gives the probabilities
+    # the run computed from the cache
+    rows = read_manifest(config.run_dir / "manifest.parquet").to_pylist()
+    test_rows = [r for r in rows if r["split"] == "test"]
+    model_dir = config.run_dir / "rounds" / "round_002" / "model"
+    from_audio = score_rows(test_rows, model_dir, audio=config.audio, ray_cfg=config.ray,
+                            mc_samples=0, seed=0, cache_root=tmp_path / "check")  # fmt: skip
+    from after_ray.al.state import RunState
+
+    with RunState.open(config.run_dir) as state:
+        backbone = state.stage_info("tapt")["backbone_dir"]
+        features = FeatureSpace.build(config, state, backbone, rows,
+                                      [r["utt_id"] for r in rows if r["split"] == "train"],
+                                      ["angry", "happy", "neutral", "sad"])  # fmt: skip
+    ids = sorted(r["utt_id"] for r in test_rows)
+    cached = features.score(model_dir, ids, mc_samples=0, seed=0)
+    np.testing.assert_allclose(cached.probs, from_audio.take(ids).probs, atol=1e-5)
+    metrics = json.loads((model_dir.parent / "metrics.json").read_text())
+    predicted = cached.probs.argmax(axis=1)
+    index = {c: i for i, c in enumerate(metrics["test"]["class_names"])}
+    truth = {r["utt_id"]: index[r["label"]] for r in test_rows}
+    assert metrics["test"]["wa"] == pytest.approx(
+        float(np.mean([predicted[i] == truth[u] for i, u in enumerate(ids)]))
+    )

@@ -70,11 +70,12 @@ def _head_parameters(model: SERClassifier) -> list[torch.nn.Parameter]:
 
 def _fit_one(
     model: SERClassifier,
-    inputs: torch.Tensor,
+    standardised: torch.Tensor,
     targets: torch.Tensor,
     class_weights: torch.Tensor,
     l2: float,
 ) -> float:
+    """One L-BFGS fit of the head's linear layers on already standardised inputs."""
     params = _head_parameters(model)
     optimizer = torch.optim.LBFGS(
         params, max_iter=LBFGS_MAX_ITER, line_search_fn="strong_wolfe", tolerance_grad=1e-6
@@ -84,7 +85,8 @@ def _fit_one(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        logits = model.head_from_pooled(inputs).logits
+        hidden = model.projector(standardised) if model.projector is not None else standardised
+        logits = model.classifier(hidden)
         nll = -(targets * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
         loss = (item_weights * nll).sum() / item_weights.sum()
         loss = loss + l2 * sum((p**2).sum() for p in params if p.ndim > 1)
@@ -121,18 +123,29 @@ def fit_head(
     inputs = torch.as_tensor(np.asarray(train_features, dtype=np.float32))
     val_inputs = torch.as_tensor(np.asarray(val_features, dtype=np.float32))
     model.eval()  # dropout off: L-BFGS needs a deterministic objective
+    with torch.no_grad():  # the standardisation is fixed: apply it once, not at every step
+        standardised = model.head_from_pooled(inputs).pooled
     best: tuple[float, float, dict, dict, float] | None = None
     val_ua_by_l2: dict[float, float] = {}
-    for l2 in l2_grid:
-        _reset_head(model, derive_seed(seed, "head"))
-        loss = _fit_one(model, inputs, targets, class_weights, float(l2))
-        with torch.no_grad():
-            predicted = model.head_from_pooled(val_inputs).logits.argmax(dim=-1).numpy()
-        report = classification_report(np.asarray(val_labels), predicted, class_names)
-        val_ua_by_l2[float(l2)] = float(report["ua"])
-        if best is None or report["ua"] > best[0]:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items() if _is_head(k)}
-            best = (float(report["ua"]), float(l2), report, state, loss)
+    threads = torch.get_num_threads()
+    # These matrices are a few hundred kB: one thread is fastest (with the caller's 2 threads on
+    # a busy 2-core machine every tiny op waited for the second core: 10x slower, measured).
+    torch.set_num_threads(1)
+    try:
+        for l2 in l2_grid:
+            _reset_head(model, derive_seed(seed, "head"))
+            loss = _fit_one(model, standardised, targets, class_weights, float(l2))
+            with torch.no_grad():
+                predicted = model.head_from_pooled(val_inputs).logits.argmax(dim=-1).numpy()
+            report = classification_report(np.asarray(val_labels), predicted, class_names)
+            val_ua_by_l2[float(l2)] = float(report["ua"])
+            if best is None or report["ua"] > best[0]:
+                state = {
+                    k: v.detach().clone() for k, v in model.state_dict().items() if _is_head(k)
+                }
+                best = (float(report["ua"]), float(l2), report, state, loss)
+    finally:
+        torch.set_num_threads(threads)
     assert best is not None  # l2_grid is validated non-empty
     model.load_state_dict(best[3], strict=False)
     return HeadFit(l2=best[1], val_report=best[2], val_ua_by_l2=val_ua_by_l2, train_loss=best[4])
