@@ -89,10 +89,14 @@ FRACTION_DECIMALS = 6  # points of different seeds are aligned on the fraction r
 # Stage names of state.json timings, in pipeline order. "score_<what>" stages (the round loop
 # times "score_pool" and "score_test") sort right after "score" and are shown as
 # "scoring (<what>)"; any other stage comes last, by name.
-STAGE_ORDER = ("prepare", "tapt", "embed", "finetune", "score", "select", "label")
+STAGE_ORDER = ("prepare", "tapt", "features", "embed", "finetune", "score", "select", "label")
+# Stages computed once and reused by every run over the same corpus and backbone (demo arms,
+# sweep trials): reported apart, never in a run's AL loop time, so arms compare like with like.
+SHARED_STAGES = ("prepare", "tapt", "features")
 STAGE_NAMES = {
     "prepare": "data preparation",
     "tapt": "TAPT",
+    "features": "feature pass",
     "embed": "embedding",
     "finetune": "fine-tune",
     "score": "scoring",
@@ -202,6 +206,18 @@ class RunSummary:
             return float(sum(self.stage_seconds.values()))
         return None
 
+    @property
+    def loop_seconds(self) -> float | None:
+        """Wall time of the AL loop itself: every stage but the shared ones (SHARED_STAGES)."""
+        if not self.stage_seconds:
+            return None
+        return float(sum(v for k, v in self.stage_seconds.items() if k not in SHARED_STAGES))
+
+    @property
+    def shared_seconds(self) -> float:
+        """Time of the shared stages this run computed (0 when it reused them)."""
+        return float(sum(v for k, v in self.stage_seconds.items() if k in SHARED_STAGES))
+
     def curve(self, metric: str) -> tuple[list[float], list[float]]:
         """(labeled fractions, metric values) of the rounds that have both."""
         xs, ys = [], []
@@ -245,6 +261,7 @@ class GroupSummary:
     aulc_range: tuple[float, float] | None
     total_seconds: MeanStd
     stage_seconds: dict[str, MeanStd]
+    loop_seconds: MeanStd = field(default_factory=lambda: MeanStd.of([]))
 
     @property
     def kind(self) -> str:
@@ -649,6 +666,7 @@ def _summarise_group(
         aulc=aulc,
         aulc_range=aulc_range,
         total_seconds=MeanStd.of(run.total_seconds for run in runs),
+        loop_seconds=MeanStd.of(run.loop_seconds for run in runs),
         stage_seconds={
             stage: MeanStd.of(run.stage_seconds.get(stage) for run in runs) for stage in stages
         },
@@ -931,7 +949,7 @@ def _with_n(text: str, n: int, total: int) -> str:
 
 
 def _summary_rows(report: Report) -> list[list[str]]:
-    reference_time = report.references[0].total_seconds.mean if report.references else None
+    reference_time = report.references[0].loop_seconds.mean if report.references else None
     rows = []
     for group in [*report.groups, *report.references]:
         final = _final_point(group)
@@ -945,8 +963,8 @@ def _summary_rows(report: Report) -> list[list[str]]:
             f1 = _with_n(_pct_ms(final.macro_f1), final.macro_f1.n, total)
         is_reference = group.kind == FULL_DATA_KIND  # one point: an area says nothing more
         time_share = _DASH
-        if reference_time and group.total_seconds.mean is not None:
-            time_share = f"{group.total_seconds.mean / reference_time * 100:.0f}%"
+        if reference_time and group.loop_seconds.mean is not None:
+            time_share = f"{group.loop_seconds.mean / reference_time * 100:.0f}%"
         rows.append(
             [
                 group.label,
@@ -958,11 +976,22 @@ def _summary_rows(report: Report) -> list[list[str]]:
                 _DASH if is_reference else _pct_ms(group.aulc["ua"]),
                 _DASH if is_reference else _pct_ms(group.aulc["wa"]),
                 _DASH if is_reference else _range_text(group.aulc_range),
-                _secs_ms(group.total_seconds),
+                _secs_ms(group.loop_seconds),
                 time_share,
             ]
         )
     return rows
+
+
+def _shared_stage_seconds(report: Report) -> dict[str, float]:
+    """Per shared stage, the time of the run that computed it (the largest; reusers ~0)."""
+    out: dict[str, float] = {}
+    for run in report.runs:
+        for stage in SHARED_STAGES:
+            value = run.stage_seconds.get(stage)
+            if value is not None and value > out.get(stage, 0.0):
+                out[stage] = value
+    return {k: out[k] for k in SHARED_STAGES if k in out}
 
 
 def _seeds_text(group: GroupSummary) -> str:
@@ -1101,8 +1130,9 @@ def render_markdown(report: Report, figures: Mapping[str, str]) -> str:
         "UA = mean per-class recall, WA = overall accuracy, macro-F1, in % on the test split. "
         "With several seeds: mean ± sample standard deviation (n-1). AULC = area under the curve "
         "over the labeled fraction divided by the fraction range (in %, on the metric's scale; "
-        "compare only over the same range). Total time = wall time from the start of the run, "
-        "TAPT included, to the end of its last evaluation.",
+        "compare only over the same range). Loop time = the run's own stages (fine-tuning, "
+        "evaluation, scoring, selection, labels) summed; the shared stages (data preparation, "
+        "TAPT, the feature pass), computed once and reused by every run, are listed apart.",
         "",
         "## Summary",
         "",
@@ -1117,14 +1147,22 @@ def render_markdown(report: Report, figures: Mapping[str, str]) -> str:
         "AULC UA",
         "AULC WA",
         "AULC range",
-        "total time (s)",
-        "time vs full data",
+        "loop time (s)",
+        "loop time vs full data",
     ]
     lines += _table(header, _summary_rows(report))
     if report.references:
         lines += [
             "",
-            f'"time vs full data" divides by the total time of {report.references[0].label}.',
+            f'"loop time vs full data" divides by the loop time of {report.references[0].label}.',
+        ]
+    shared = _shared_stage_seconds(report)
+    if shared:
+        lines += [
+            "",
+            "Shared stages, once for all runs: "
+            + ", ".join(f"{_stage_label(k)} {v:.0f} s" for k, v in shared.items())
+            + ".",
         ]
     lines.append("")
     captions = {
@@ -1191,6 +1229,7 @@ def _run_dict(run: RunSummary) -> dict[str, Any]:
         "aulc": {m: run.aulc(m) for m in METRICS},
         "stage_seconds": run.stage_seconds,
         "total_seconds": run.total_seconds,
+        "loop_seconds": run.loop_seconds,
         "selection_counts": {str(r): c for r, c in run.selection_counts.items()},
         "unevaluated_rounds": run.unevaluated_rounds,
         "warnings": run.warnings,
@@ -1219,6 +1258,7 @@ def _group_dict(group: GroupSummary) -> dict[str, Any]:
         "aulc": {m: _ms_dict(v) for m, v in group.aulc.items()},
         "aulc_range": list(group.aulc_range) if group.aulc_range else None,
         "total_seconds": _ms_dict(group.total_seconds),
+        "loop_seconds": _ms_dict(group.loop_seconds),
         "stage_seconds": {s: _ms_dict(v) for s, v in group.stage_seconds.items()},
     }
 
@@ -1235,6 +1275,8 @@ def report_to_dict(report: Report, figures: Mapping[str, str] | None = None) -> 
             "aulc": "trapezoid area over the labeled fraction / fraction range; groups: "
             "per seed over the fractions every seed reached (aulc_range)",
             "total_seconds": "largest cumulative_wall_s, else the sum of stage timings",
+            "loop_seconds": "sum of the stage timings except the shared stages "
+            + ", ".join(SHARED_STAGES),
         },
         "groups": [_group_dict(g) for g in report.groups],
         "references": [_group_dict(g) for g in report.references],
