@@ -285,6 +285,10 @@ class RayConfig:
     # Actors scoring the pool (Ray Data map_batches actor pool).
     scoring_actors: int = 1
     scoring_batch_size: int = 16
+    # With ray.num_workers 0 (training in the driver), sets of at most this many utterances are
+    # scored in the driver with the same actor code instead of a Ray Data actor pool, whose
+    # start-up (~10-20 s on 2 cores) was most of a demo round's scoring time. 0 = never.
+    in_process_scoring_max_rows: int = 2000
     # Restarts of a Train worker group after a worker failure.
     max_failures: int = 1
     # A Train worker whose share of the audio is below this is decoded once and kept in memory
@@ -304,6 +308,8 @@ class RayConfig:
             problems.append("ray.scoring_actors: must be >= 1")
         if self.scoring_batch_size < 1:
             problems.append("ray.scoring_batch_size: must be >= 1")
+        if self.in_process_scoring_max_rows < 0:
+            problems.append("ray.in_process_scoring_max_rows: must be >= 0 (0 = never)")
         if self.max_failures < 0:
             problems.append("ray.max_failures: must be >= 0")
         return problems

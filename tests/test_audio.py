@@ -82,7 +82,10 @@ def _bad_files(root: Path) -> dict[str, tuple[Path, str]]:
         write(root / "no_samples.wav", np.zeros((0, 1), np.float32), 16000),
         "empty",
     )
-    files["silent"] = (write(root / "silent.wav", np.zeros((16000, 1), np.float32), 16000), "silent")
+    files["silent"] = (
+        write(root / "silent.wav", np.zeros((16000, 1), np.float32), 16000),
+        "silent",
+    )
     quiet = tone(1.0, 16000, amp=1e-4)  # about -83 dBFS: below the -60 dBFS default
     files["quiet"] = (write(root / "quiet.wav", quiet, 16000), "silent")
     dc = np.full((16000, 1), 0.5, np.float32)  # constant offset: loud, but no signal
@@ -184,7 +187,9 @@ def test_check_quality_on_arrays():
     broken[0, 3] = np.nan
     assert check_quality(broken, sr, CFG) == "non_finite"
     # A threshold of -inf turns the silence check off.
-    assert check_quality(np.zeros((1, sr), np.float32), sr, AudioConfig(silence_dbfs=-np.inf)) is None
+    assert (
+        check_quality(np.zeros((1, sr), np.float32), sr, AudioConfig(silence_dbfs=-np.inf)) is None
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +212,9 @@ def test_odd_rates_and_channel_counts_are_resampled_and_downmixed(tmp_path, sr, 
 
 
 def test_path_with_spaces_and_non_ascii_characters(tmp_path):
-    path = write(tmp_path / "dir with spaces" / "Ünïcødé 音声 (take 2).wav", tone(1.0, 22050), 22050)
+    path = write(
+        tmp_path / "dir with spaces" / "Ünïcødé 音声 (take 2).wav", tone(1.0, 22050), 22050
+    )
     assert probe_file(path, CFG).reason is None
     x, sr = decode(str(path))
     assert (x.shape, sr) == ((1, 22050), 22050)
@@ -340,8 +347,12 @@ def test_audio_config_validate():
     )
     problems = bad.validate()
     keys = {p.split(":")[0] for p in problems}
-    assert {"audio.sample_rate", "audio.train_crop_s", "audio.min_duration_s",
-            "audio.silence_dbfs"} <= keys
+    assert {
+        "audio.sample_rate",
+        "audio.train_crop_s",
+        "audio.min_duration_s",
+        "audio.silence_dbfs",
+    } <= keys
     assert all(p.startswith("audio.") for p in problems)
     too_short = AudioConfig(min_duration_s=0.01).validate()
     assert any("encoder frame" in p for p in too_short)
@@ -353,9 +364,27 @@ def test_audio_config_validate():
 
 def test_quarantine_roundtrip_csv_twin_and_summary(tmp_path):
     rows = [
-        {"utt_id": "c/a", "path": "/x/a.wav", "reason": "silent", "detail": "RMS -90", "stage": "probe"},
-        {"utt_id": "c/b", "path": "/x/b.wav", "reason": "unreadable", "detail": "bad", "stage": "probe"},
-        {"utt_id": "c/c", "path": "/x/c.wav", "reason": "unreadable", "detail": "bad", "stage": "probe"},
+        {
+            "utt_id": "c/a",
+            "path": "/x/a.wav",
+            "reason": "silent",
+            "detail": "RMS -90",
+            "stage": "probe",
+        },
+        {
+            "utt_id": "c/b",
+            "path": "/x/b.wav",
+            "reason": "unreadable",
+            "detail": "bad",
+            "stage": "probe",
+        },
+        {
+            "utt_id": "c/c",
+            "path": "/x/c.wav",
+            "reason": "unreadable",
+            "detail": "bad",
+            "stage": "probe",
+        },
     ]
     path = write_quarantine(rows, tmp_path / "run" / "quarantine.parquet")
     table = read_quarantine(path)

@@ -110,9 +110,10 @@ def test_probe_splits_good_and_quarantined_rows(ray_session, corpus, bad_rows):
     got = {r["path"]: r for r in quarantined.to_pylist()}
     assert {p: r["reason"] for p, r in got.items()} == bad_rows
     assert all(r["detail"] and r["stage"] == "probe" for r in got.values())
-    assert "Format not recognised" in got[next(p for p in bad_rows if p.endswith("text.wav"))][
-        "detail"
-    ]
+    assert (
+        "Format not recognised"
+        in got[next(p for p in bad_rows if p.endswith("text.wav"))]["detail"]
+    )
 
 
 def test_label_targets():
@@ -133,15 +134,23 @@ def test_decode_batch_drops_a_file_that_vanished_without_raising(corpus, tmp_pat
         "utt_id": np.array(["t/gone", corpus[0]["utt_id"]], dtype=object),
         "path": np.array([str(tmp_path / "gone.wav"), corpus[0]["path"]], dtype=object),
     }
-    out = decode_batch(batch, cfg=CFG, mode="train", seed=0, epoch=0, label_to_index=None,
-                       soft_targets=False)
+    out = decode_batch(
+        batch, cfg=CFG, mode="train", seed=0, epoch=0, label_to_index=None, soft_targets=False
+    )
     assert out.column("utt_id").to_pylist() == [corpus[0]["utt_id"]]
     batch["utt_id"], batch["path"] = batch["utt_id"][:1], batch["path"][:1]
-    empty = decode_batch(batch, cfg=CFG, mode="score", seed=0, epoch=0, label_to_index=CLASSES,
-                         soft_targets=True)
+    empty = decode_batch(
+        batch, cfg=CFG, mode="score", seed=0, epoch=0, label_to_index=CLASSES, soft_targets=True
+    )
     assert empty.num_rows == 0
-    assert empty.schema.names == ["utt_id", "audio", "length", "chunk_index", "label_index",
-                                  "soft_target"]
+    assert empty.schema.names == [
+        "utt_id",
+        "audio",
+        "length",
+        "chunk_index",
+        "label_index",
+        "soft_target",
+    ]
 
 
 def _collect(ds, batch_size=2):
@@ -152,12 +161,15 @@ def _collect(ds, batch_size=2):
 
 def test_train_batches_are_resampled_cropped_padded_and_labeled(ray_session, corpus, tmp_path):
     gone = manifest_row("t/gone", str(tmp_path / "deleted_since_prepare.wav"), "sad")
-    ds = audio_dataset(corpus + [gone], CFG, mode="train", seed=3, label_to_index=CLASSES,
-                       shuffle=True)
+    ds = audio_dataset(
+        corpus + [gone], CFG, mode="train", seed=3, label_to_index=CLASSES, shuffle=True
+    )
     seen = {}
     for b in _collect(ds, batch_size=2):
         lengths = b["lengths"]
-        assert b["input_values"].dtype.is_floating_point and b["attention_mask"].dtype == lengths.dtype
+        assert (
+            b["input_values"].dtype.is_floating_point and b["attention_mask"].dtype == lengths.dtype
+        )
         assert b["input_values"].shape == b["attention_mask"].shape
         assert b["input_values"].shape[1] == int(lengths.max())
         assert b["attention_mask"].sum(dim=1).tolist() == lengths.tolist()
@@ -169,8 +181,12 @@ def test_train_batches_are_resampled_cropped_padded_and_labeled(ray_session, cor
             assert b["attention_mask"][i, :n].all()
             assert float(row[:n].mean()) == pytest.approx(0, abs=1e-3)
             assert float(row[:n].std()) == pytest.approx(1, abs=1e-2)
-            seen[utt_id] = (n, int(b["label_index"][i]), b["soft_target"][i].numpy(),
-                            row[:n].numpy().copy())
+            seen[utt_id] = (
+                n,
+                int(b["label_index"][i]),
+                b["soft_target"][i].numpy(),
+                row[:n].numpy().copy(),
+            )
 
     assert set(seen) == {r["utt_id"] for r in corpus}  # the vanished file was dropped
     crop = CFG.train_crop_samples
@@ -185,10 +201,12 @@ def test_train_batches_are_resampled_cropped_padded_and_labeled(ray_session, cor
     # Same seed and epoch: the same crops; another epoch: the long files are cropped elsewhere.
     again = audio_dataset(corpus, CFG, mode="train", seed=3, label_to_index=CLASSES)
     other = audio_dataset(corpus, CFG, mode="train", seed=3, epoch=1)
-    same = {u: v for b in _collect(again) for u, v in zip(b["utt_id"], b["input_values"],
-                                                           strict=True)}
-    moved = {u: v for b in _collect(other) for u, v in zip(b["utt_id"], b["input_values"],
-                                                            strict=True)}
+    same = {
+        u: v for b in _collect(again) for u, v in zip(b["utt_id"], b["input_values"], strict=True)
+    }
+    moved = {
+        u: v for b in _collect(other) for u, v in zip(b["utt_id"], b["input_values"], strict=True)
+    }
     for utt_id in ("t/b_44k_stereo", "t/c_48k"):
         assert np.array_equal(same[utt_id].numpy()[: len(seen[utt_id][3])], seen[utt_id][3])
         assert not np.allclose(moved[utt_id].numpy()[: len(seen[utt_id][3])], seen[utt_id][3])
@@ -201,8 +219,9 @@ def test_score_mode_chunks_whole_utterances_from_a_parquet_manifest(ray_session,
     chunks: dict[str, dict[int, int]] = {}
     for b in _collect(ds, batch_size=3):
         assert b["attention_mask"].sum(dim=1).tolist() == b["lengths"].tolist()
-        for utt_id, k, n in zip(b["utt_id"], b["chunk_index"].tolist(), b["lengths"].tolist(),
-                                strict=True):
+        for utt_id, k, n in zip(
+            b["utt_id"], b["chunk_index"].tolist(), b["lengths"].tolist(), strict=True
+        ):
             chunks.setdefault(utt_id, {})[k] = n
     limit = CFG.score_chunk_samples
     for utt_id, _, _, seconds, _, _ in GOOD:
@@ -215,10 +234,13 @@ def test_score_mode_chunks_whole_utterances_from_a_parquet_manifest(ray_session,
 
 
 def test_pad_batch_contract_without_labels():
-    out = pad_batch({"utt_id": np.array(["x", "y"], dtype=object),
-                     "audio": np.array([np.ones(3, np.float32), np.ones(5, np.float32)],
-                                       dtype=object)},
-                    pad_to_multiple_of=4)
+    out = pad_batch(
+        {
+            "utt_id": np.array(["x", "y"], dtype=object),
+            "audio": np.array([np.ones(3, np.float32), np.ones(5, np.float32)], dtype=object),
+        },
+        pad_to_multiple_of=4,
+    )
     assert out["input_values"].shape == (2, 8)
     assert out["lengths"].tolist() == [3, 5]
     assert out["attention_mask"].sum(axis=1).tolist() == [3, 5]

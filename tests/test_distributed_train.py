@@ -37,8 +37,11 @@ def rows_with_durations(root: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def small_corpus(tmp_path_factory):
     root = synthesize_corpus(
-        tmp_path_factory.mktemp("c") / "synth", n_speakers=8, utterances_per_emotion=4,
-        separation=2.0, seed=5,
+        tmp_path_factory.mktemp("c") / "synth",
+        n_speakers=8,
+        utterances_per_emotion=4,
+        separation=2.0,
+        seed=5,
     )
     return rows_with_durations(root)
 
@@ -74,10 +77,16 @@ def test_two_worker_ddp_tapt_survives_a_worker_killed_mid_run(
     FailureConfig restarts the group, it resumes from the step-2 checkpoint, same weights."""
     config = tapt_config(4)
     ray_cfg = dataclasses.replace(config.ray, num_workers=2, max_failures=1)
-    common = dict(rows=small_corpus[:32], tapt=config.tapt, backbone=config.backbone,
-                  audio=config.audio, ray_cfg=ray_cfg)
-    summary = run_tapt(**common, storage_path=tmp_path / "ray", name="ddp",
-                       out_dir=tmp_path / "model")
+    common = dict(
+        rows=small_corpus[:32],
+        tapt=config.tapt,
+        backbone=config.backbone,
+        audio=config.audio,
+        ray_cfg=ray_cfg,
+    )
+    summary = run_tapt(
+        **common, storage_path=tmp_path / "ray", name="ddp", out_dir=tmp_path / "model"
+    )
     assert summary["steps"] == 4 and len(summary["loss_history"]) == 4
     assert all(np.isfinite(summary["loss_history"])) and summary["resumed_from_step"] == 0
     trained = weights(tmp_path / "model")
@@ -86,8 +95,12 @@ def test_two_worker_ddp_tapt_survives_a_worker_killed_mid_run(
     marker = tmp_path / "worker-killed"
     monkeypatch.setenv(faults.ENV, "tapt_step@3")  # after the 3rd batch, one worker only
     monkeypatch.setenv(faults.ONCE_ENV, str(marker))
-    summary = run_tapt(**common, storage_path=tmp_path / "ray-killed", name="ddp",
-                       out_dir=tmp_path / "model-killed")
+    summary = run_tapt(
+        **common,
+        storage_path=tmp_path / "ray-killed",
+        name="ddp",
+        out_dir=tmp_path / "model-killed",
+    )
     assert marker.exists()  # a worker really died
     assert summary["steps"] == 4 and summary["resumed_from_step"] == 2
     assert_same_weights(trained, weights(tmp_path / "model-killed"))
@@ -103,13 +116,26 @@ def test_tapt_killed_after_first_checkpoint_resumes_to_the_same_weights(
     overrides = [*TAPT_OVERRIDES, "tapt.steps=6", "ray.num_workers=0"]
     config = tapt_config(6, "ray.num_workers=0")
     rows = small_corpus[:24]
-    common = dict(rows=rows, tapt=config.tapt, backbone=config.backbone, audio=config.audio,
-                  ray_cfg=config.ray)
-    run_tapt(**common, storage_path=tmp_path / "ray-a", name="t", out_dir=tmp_path / "uninterrupted")
+    common = dict(
+        rows=rows,
+        tapt=config.tapt,
+        backbone=config.backbone,
+        audio=config.audio,
+        ray_cfg=config.ray,
+    )
+    run_tapt(
+        **common, storage_path=tmp_path / "ray-a", name="t", out_dir=tmp_path / "uninterrupted"
+    )
 
     # The same TAPT in a subprocess that SIGKILLs itself right after its first checkpoint.
-    args = json.dumps({"rows": rows, "storage": str(tmp_path / "ray-b"),
-                       "out": str(tmp_path / "resumed"), "overrides": overrides})
+    args = json.dumps(
+        {
+            "rows": rows,
+            "storage": str(tmp_path / "ray-b"),
+            "out": str(tmp_path / "resumed"),
+            "overrides": overrides,
+        }
+    )
     script = (
         "import json, sys; from after_ray.config import load_config; "
         "from after_ray.distributed.train import run_tapt; a = json.loads(sys.argv[1]); "
@@ -119,12 +145,19 @@ def test_tapt_killed_after_first_checkpoint_resumes_to_the_same_weights(
     )
     env = {**os.environ, "AFTER_RAY_FAILPOINT": "tapt_checkpoint", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", script, args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not (tmp_path / "resumed").exists()
-    summary = run_tapt(**common, storage_path=tmp_path / "ray-b", name="t",
-                       out_dir=tmp_path / "resumed")
+    summary = run_tapt(
+        **common, storage_path=tmp_path / "ray-b", name="t", out_dir=tmp_path / "resumed"
+    )
     assert summary["steps"] == 6
     assert_same_weights(weights(tmp_path / "uninterrupted"), weights(tmp_path / "resumed"))
 
@@ -145,12 +178,20 @@ def test_finetuning_the_tiny_preset_beats_chance_on_held_out_speakers(
     val = [r for r in small_corpus if r["speaker"] in val_speakers]
     test = [r for r in small_corpus if r["speaker"] in test_speakers]
     classes = ["angry", "happy", "neutral", "sad"]
-    config = load_config(None, ["finetune.epochs=12", "finetune.early_stopping_patience=0",
-                                "finetune.batch_size=8"])
+    config = load_config(
+        None, ["finetune.epochs=12", "finetune.early_stopping_patience=0", "finetune.batch_size=8"]
+    )
     summary = run_finetune(
-        train_rows=train, val_rows=val, class_names=classes, finetune_cfg=config.finetune,
-        backbone=config.backbone, audio=config.audio, ray_cfg=config.ray,
-        storage_path=tmp_path / "ray", name="ft", out_dir=tmp_path / "model",
+        train_rows=train,
+        val_rows=val,
+        class_names=classes,
+        finetune_cfg=config.finetune,
+        backbone=config.backbone,
+        audio=config.audio,
+        ray_cfg=config.ray,
+        storage_path=tmp_path / "ray",
+        name="ft",
+        out_dir=tmp_path / "model",
     )
     losses = [h["train_loss"] for h in summary["history"]]
     assert losses[-1] < losses[0]
@@ -178,16 +219,24 @@ def test_finetune_worker_killed_mid_epoch_resumes_from_its_epoch_checkpoint(
     speakers = sorted({r["speaker"] for r in small_corpus})
     train = [r for r in small_corpus if r["speaker"] in speakers[:3]]
     val = [r for r in small_corpus if r["speaker"] == speakers[3]]
-    config = load_config(None, ["finetune.epochs=3", "finetune.early_stopping_patience=0",
-                                "finetune.batch_size=8"])
+    config = load_config(
+        None, ["finetune.epochs=3", "finetune.early_stopping_patience=0", "finetune.batch_size=8"]
+    )
     steps_per_epoch = -(-len(train) // 8)
 
     def fine_tune(num_workers: int, name: str) -> dict:
         ray_cfg = dataclasses.replace(config.ray, num_workers=num_workers, max_failures=1)
         return run_finetune(
-            train_rows=train, val_rows=val, class_names=classes, finetune_cfg=config.finetune,
-            backbone=config.backbone, audio=config.audio, ray_cfg=ray_cfg,
-            storage_path=tmp_path / "ray", name=name, out_dir=tmp_path / name,
+            train_rows=train,
+            val_rows=val,
+            class_names=classes,
+            finetune_cfg=config.finetune,
+            backbone=config.backbone,
+            audio=config.audio,
+            ray_cfg=ray_cfg,
+            storage_path=tmp_path / "ray",
+            name=name,
+            out_dir=tmp_path / name,
         )
 
     reference = fine_tune(0, "local")
@@ -228,9 +277,16 @@ def test_disk_full_at_a_training_checkpoint_is_a_clear_error_and_the_run_resumes
         return real_save(state, path)
 
     monkeypatch.setattr(tapt_module, "save_tapt_state", save_on_a_disk_that_fills)
-    common = dict(rows=small_corpus[:16], tapt=config.tapt, backbone=config.backbone,
-                  audio=config.audio, ray_cfg=config.ray, storage_path=tmp_path / "ray",
-                  name="full", out_dir=tmp_path / "model")
+    common = dict(
+        rows=small_corpus[:16],
+        tapt=config.tapt,
+        backbone=config.backbone,
+        audio=config.audio,
+        ray_cfg=config.ray,
+        storage_path=tmp_path / "ray",
+        name="full",
+        out_dir=tmp_path / "model",
+    )
     with pytest.raises(RunStateError, match="No space left on device") as info:
         run_tapt(**common)
     assert "untouched" in str(info.value) and "resume" in str(info.value)

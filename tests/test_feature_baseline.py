@@ -61,8 +61,15 @@ def test_baseline_learns_pitch_classes_and_reports_as_one_reference_group(tmp_pa
     assert accuracy > 0.9  # chance is 1/3
 
     dirs = write_baseline_runs(
-        tmp_path / "fb", pool_rows=pool, test_rows=test, class_names=CLASSES,
-        fractions=[0.25, 0.5], audio=audio, draws=3, seed=0, corpus="tones",
+        tmp_path / "fb",
+        pool_rows=pool,
+        test_rows=test,
+        class_names=CLASSES,
+        fractions=[0.25, 0.5],
+        audio=audio,
+        draws=3,
+        seed=0,
+        corpus="tones",
     )
     runs = [load_run(d) for d in dirs]
     assert all(not r.warnings for r in runs)

@@ -3,6 +3,7 @@ against a direct forward pass from audio."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -176,7 +177,8 @@ def test_a_head_mode_run_reads_audio_once_and_its_models_score_like_the_actor_pa
     rows = read_manifest(config.run_dir / "manifest.parquet").to_pylist()
     test_rows = [r for r in rows if r["split"] == "test"]
     model_dir = config.run_dir / "rounds" / "round_002" / "model"
-    from_audio = score_rows(test_rows, model_dir, audio=config.audio, ray_cfg=config.ray,
+    actor_pool = dataclasses.replace(config.ray, in_process_scoring_max_rows=0)
+    from_audio = score_rows(test_rows, model_dir, audio=config.audio, ray_cfg=actor_pool,
                             mc_samples=0, seed=0, cache_root=tmp_path / "check")  # fmt: skip
     from after_ray.al.state import RunState
 

@@ -72,9 +72,7 @@ def make_pool(
         "penultimate": rng.normal(size=(m, hidden)).astype(np.float32)[rows],
         "durations": rng.uniform(0.5, 8.0, size=m)[rows],
     }
-    return PoolView(
-        utt_ids=make_ids(n, rng), labeled=labeled, **{f: values[f] for f in fields}
-    )
+    return PoolView(utt_ids=make_ids(n, rng), labeled=labeled, **{f: values[f] for f in fields})
 
 
 def unlabeled_ids(pool: PoolView) -> set[str]:
@@ -117,8 +115,17 @@ STRATEGY_NAMES = sorted(STRATEGIES)
 
 def test_registry_holds_every_strategy_in_the_brief():
     assert set(STRATEGIES) == {
-        "random", "entropy", "least_confidence", "margin", "bald", "coreset", "badge",
-        "cluster_margin", "typiclust", "after_init", "after",
+        "random",
+        "entropy",
+        "least_confidence",
+        "margin",
+        "bald",
+        "coreset",
+        "badge",
+        "cluster_margin",
+        "typiclust",
+        "after_init",
+        "after",
     }
     for name, cls in STRATEGIES.items():
         assert cls.name == name
@@ -672,9 +679,7 @@ def test_after_init_matches_naive_given_the_same_clustering(n_clusters, n_labele
             for i in range(n_init)
         ]
         x64 = x.astype(np.float64)
-        inertia = [
-            float(((x64 - np.asarray(c, dtype=np.float64)[a]) ** 2).sum()) for c, a in runs
-        ]
+        inertia = [float(((x64 - np.asarray(c, dtype=np.float64)[a]) ** 2).sum()) for c, a in runs]
         np.testing.assert_array_equal(assignment, runs[int(np.argmin(inertia))][1])
     picked = strategy.select(pool, 17, seed=4)
     assert positions_of(pool, picked) == naive_after_init(x, centroids, assignment, pool, 17)

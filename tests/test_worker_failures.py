@@ -20,7 +20,10 @@ from after_ray.audio import AudioConfig
 from after_ray.config import config_from_dict
 
 N_UTTERANCES = 30
-SCORING = {"scoring_actors": 2, "scoring_batch_size": 4, "num_workers": 0}
+# The actor pool even for this small set (in-process scoring would kill the test process).
+SCORING = {
+    "scoring_actors": 2, "scoring_batch_size": 4, "num_workers": 0, "in_process_scoring_max_rows": 0,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def scoring_setup(tmp_path_factory):
     return model_dir, rows
 
 
-def _score(setup, cache_root: Path):
+def _score(setup, cache_root: Path, **ray_settings):
     from after_ray.distributed.scoring import score_rows
 
     model_dir, rows = setup
@@ -59,7 +62,7 @@ def _score(setup, cache_root: Path):
         rows,
         model_dir,
         audio=AudioConfig(score_chunk_s=1.0),
-        ray_cfg=config_from_dict({"ray": SCORING}).ray,
+        ray_cfg=config_from_dict({"ray": {**SCORING, **ray_settings}}).ray,
         mc_samples=3,
         seed=11,
         cache_root=cache_root,
@@ -108,3 +111,22 @@ def test_a_killed_scoring_actor_is_restarted_and_the_scores_are_unchanged(
     assert cached is not None and list(cached.utt_ids) == list(clean.utt_ids)
     for key in ("probs", "embedding", "penultimate", "mc_probs"):
         np.testing.assert_array_equal(getattr(cached, key), getattr(clean, key), err_msg=key)
+
+
+@pytest.mark.ray
+def test_in_process_scoring_of_a_small_set_equals_the_actor_pool(
+    ray_session, scoring_setup, tmp_path
+):
+    """The driver path for small sets (no actor start-up) gives the actor pool's scores: the
+    same chunks, averaged the same way. MC-dropout samples come from the same distribution but
+    are other draws (a draw depends on the row's position in its batch, and Ray Data cuts the
+    pool's batches along its blocks); they are reproducible run to run."""
+    pool = _score(scoring_setup, tmp_path / "pool")
+    local = _score(scoring_setup, tmp_path / "local", in_process_scoring_max_rows=N_UTTERANCES)
+    assert list(local.utt_ids) == list(pool.utt_ids)
+    for key in ("probs", "embedding", "penultimate"):
+        np.testing.assert_allclose(getattr(local, key), getattr(pool, key), rtol=1e-5, atol=1e-6)
+    assert local.mc_probs.shape == pool.mc_probs.shape == (N_UTTERANCES, 3, 4)
+    assert np.ptp(local.mc_probs, axis=1).max() > 0  # real dropout samples, not copies
+    again = _score(scoring_setup, tmp_path / "again", in_process_scoring_max_rows=N_UTTERANCES)
+    np.testing.assert_array_equal(again.mc_probs, local.mc_probs)

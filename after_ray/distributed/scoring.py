@@ -101,29 +101,12 @@ def cache_key(model_dir: str | os.PathLike, mc_samples: int, seed: int, audio: A
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def score_rows(
-    rows: list[dict[str, Any]],
-    model_dir: str | os.PathLike,
-    *,
-    audio: AudioConfig,
-    ray_cfg,
-    mc_samples: int,
-    seed: int,
-    cache_root: str | os.PathLike,
-) -> PoolScores:
-    """Score ``rows`` (utt_id, path) with the classifier in ``model_dir`` (cached)."""
+def _score_on_actor_pool(rows, model_dir, audio: AudioConfig, ray_cfg, mc_samples: int, seed: int):
+    """The scored chunks, as lists of batch arrays, from a Ray Data actor pool."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from after_ray.distributed.audio_data import audio_dataset
-    from after_ray.training.scoring import average_chunks
-
-    wanted = {r["utt_id"] for r in rows}
-    cache_dir = Path(cache_root) / cache_key(model_dir, mc_samples, seed, audio)
-    cached = read_scores(cache_dir, wanted)
-    if cached is not None:
-        log.info("scores for %d utterances read from cache %s", len(wanted), cache_dir)
-        return cached.take(sorted(wanted))
 
     ds = audio_dataset(
         [{"utt_id": r["utt_id"], "path": r["path"]} for r in rows], audio, mode="score"
@@ -164,6 +147,87 @@ def score_rows(
                 parts[key].append(np.asarray(batch[key]))
     finally:
         ctx.execution_options = saved
+    return parts
+
+
+def in_process(ray_cfg, n_rows: int) -> bool:
+    """Score in the driver: training runs there too (num_workers 0), no GPU is asked for, and
+    the set is small enough that an actor pool's start-up would cost more than the work."""
+    return (
+        ray_cfg.num_workers == 0
+        and not ray_cfg.use_gpu
+        and n_rows <= ray_cfg.in_process_scoring_max_rows
+    )
+
+
+def _score_in_process(rows, model_dir, audio: AudioConfig, ray_cfg, mc_samples: int, seed: int):
+    """The same chunks and actor code as the actor pool, run in this process: rows decoded in
+    order and cut into batches of ``ray.scoring_batch_size`` chunks. Probabilities and
+    embeddings equal the pool's; MC-dropout samples are other (reproducible) draws of the same
+    distribution, since a draw depends on the row's place in its batch and Ray Data cuts its
+    batches along its blocks."""
+    import torch
+
+    from after_ray.distributed.audio_data import decode_batch
+
+    threads = torch.get_num_threads()
+    try:
+        actor = ScoringActor(str(model_dir), mc_samples, seed,
+                             torch_threads=max(1, ray_cfg.cpus_per_worker))  # fmt: skip
+        decoded = decode_batch(
+            {
+                "utt_id": np.asarray([r["utt_id"] for r in rows], dtype=object),
+                "path": np.asarray([r["path"] for r in rows], dtype=object),
+            },
+            cfg=audio,
+            mode="score",
+            seed=0,
+            epoch=None,
+            label_to_index=None,
+            soft_targets=False,
+        )
+        columns = {
+            "utt_id": np.asarray(decoded.column("utt_id").to_pylist(), dtype=object),
+            "audio": [np.asarray(a, dtype=np.float32) for a in decoded.column("audio").to_pylist()],
+            "length": np.asarray(decoded.column("length").to_pylist(), dtype=np.int64),
+            "chunk_index": np.asarray(decoded.column("chunk_index").to_pylist(), dtype=np.int64),
+        }
+        parts: dict[str, list] = {k: [] for k in ("utt_id", "length", *ARRAY_KEYS, "mc_shape")}
+        size = ray_cfg.scoring_batch_size
+        for start in range(0, len(columns["utt_id"]), size):
+            batch = {k: v[start : start + size] for k, v in columns.items()}
+            out = actor(batch)
+            for key in parts:
+                parts[key].append(np.asarray(out[key]))
+        return parts
+    finally:
+        torch.set_num_threads(threads)
+
+
+def score_rows(
+    rows: list[dict[str, Any]],
+    model_dir: str | os.PathLike,
+    *,
+    audio: AudioConfig,
+    ray_cfg,
+    mc_samples: int,
+    seed: int,
+    cache_root: str | os.PathLike,
+) -> PoolScores:
+    """Score ``rows`` (utt_id, path) with the classifier in ``model_dir`` (cached)."""
+    from after_ray.training.scoring import average_chunks
+
+    wanted = {r["utt_id"] for r in rows}
+    cache_dir = Path(cache_root) / cache_key(model_dir, mc_samples, seed, audio)
+    cached = read_scores(cache_dir, wanted)
+    if cached is not None:
+        log.info("scores for %d utterances read from cache %s", len(wanted), cache_dir)
+        return cached.take(sorted(wanted))
+
+    if in_process(ray_cfg, len(rows)):
+        parts = _score_in_process(rows, model_dir, audio, ray_cfg, mc_samples, seed)
+    else:
+        parts = _score_on_actor_pool(rows, model_dir, audio, ray_cfg, mc_samples, seed)
     n_chunks = sum(len(p) for p in parts["utt_id"])
     if not n_chunks:
         raise RuntimeError("scoring produced no rows: every file failed to decode")
