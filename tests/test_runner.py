@@ -76,7 +76,7 @@ CATEGORIES = {
     "tapt": ("stage:tapt", "tapt_step", "tapt_checkpoint"),
     "embedding": ("stage:embed_model", "stage:embed"),
     "fine-tuning": ("stage:finetune", "finetune_step", "finetune_epoch", "finetune_checkpoint"),
-    "scoring": ("stage:score_pool", "stage:score_test", "score"),
+    "scoring": ("stage:score_pool", "stage:score_test", "score", "score_actor_batch"),
     "selection": ("stage:select", "select:0", "select:1", "select:2"),
     "labels": ("stage:label", "label_append"),
     "state writes": ("state_write", "dir_staged", "dir_swap"),
