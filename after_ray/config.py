@@ -23,6 +23,7 @@ import yaml
 
 from after_ray import config_schema
 from after_ray.audio import AudioConfig
+from after_ray.corpora.synth import NATURAL_CLASS_PRIORS
 from after_ray.errors import ConfigError
 from after_ray.models.settings import BackboneConfig, TaptConfig
 from after_ray.training.finetune_settings import FinetuneConfig
@@ -112,6 +113,12 @@ class SynthConfig:
     snr_db_min: float = 5.0
     snr_db_max: float = 30.0
     seed: int = 0
+    # Natural-corpus shape by default; {} = balanced, with utterances_per_emotion files of every
+    # emotion per speaker.
+    class_priors: dict[str, float] = field(default_factory=lambda: dict(NATURAL_CLASS_PRIORS))
+    utterances_per_speaker: int = 40  # with class_priors; split over the emotions by the priors
+    duplicate_fraction: float = 0.10  # near-duplicate re-readings of a file in the pool
+    low_quality_fraction: float = 0.10  # SNR -5..5 dB, half of them telephone-band
 
     def validate(self) -> list[str]:
         problems = []
@@ -125,6 +132,13 @@ class SynthConfig:
             problems.append("corpus.synth.separation: must be positive")
         if self.snr_db_min > self.snr_db_max:
             problems.append("corpus.synth: snr_db_min must not exceed snr_db_max")
+        for name in ("duplicate_fraction", "low_quality_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"corpus.synth.{name}: must be between 0 and 1")
+        if self.class_priors and self.utterances_per_speaker < len(self.class_priors):
+            problems.append(
+                "corpus.synth.utterances_per_speaker: must be at least the number of emotions"
+            )
         return problems
 
 

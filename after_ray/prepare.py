@@ -58,6 +58,10 @@ def build_synth_corpus(corpus: CorpusConfig, sample_rate: int) -> Path:
         snr_db_range=(s.snr_db_min, s.snr_db_max),
         sample_rate=sample_rate,
         seed=s.seed,
+        class_priors=s.class_priors or None,
+        utterances_per_speaker=s.utterances_per_speaker if s.class_priors else None,
+        duplicate_fraction=s.duplicate_fraction,
+        low_quality_fraction=s.low_quality_fraction,
     )
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tiny_run import BALANCED_CLEAN
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 150
@@ -269,7 +270,7 @@ def test_prepare_job_round_trip(ray_head, tmp_path):
                 "corpus": {
                     "name": "synth",
                     "root": str(tmp_path / "synth"),
-                    "synth": {"n_speakers": 3, "utterances_per_emotion": 2},
+                    "synth": {"n_speakers": 3, "utterances_per_emotion": 2, **BALANCED_CLEAN},
                 },
             }
         )

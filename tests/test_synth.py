@@ -163,3 +163,92 @@ def test_espeak_rejects_unknown_voices_and_bad_prosody():
         espeak.synthesize("Hello.", "xx-nowhere")
     with pytest.raises(ConfigError, match="rate_wpm"):
         espeak.synthesize("Hello.", "en-us", espeak.Prosody(rate_wpm=20))
+
+
+# --- natural-corpus shape: skewed priors, near-duplicates, low-quality files --------------------
+
+DEGRADED = {"duplicate_fraction": 0.3, "low_quality_fraction": 0.3}
+
+
+def read_render_params(root: Path) -> dict[str, dict[str, str]]:
+    with (root / "render_params.csv").open(newline="") as handle:
+        return {row["path"]: row for row in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory) -> Path:
+    return synthesize_corpus(tmp_path_factory.mktemp("synth_d"), seed=0, **TINY, **DEGRADED)
+
+
+def test_class_priors_split_every_speaker_by_largest_remainder(tmp_path):
+    root = synthesize_corpus(
+        tmp_path / "skewed",
+        n_speakers=2,
+        emotions=EMOTIONS,
+        class_priors={"neutral": 0.45, "happy": 0.25, "angry": 0.15, "sad": 0.15},
+        utterances_per_speaker=12,
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for row in read_labels(root):
+        counts[row["speaker"], row["label"]] = counts.get((row["speaker"], row["label"]), 0) + 1
+    # 12 x (.45, .25, .15, .15) = 5.4, 3, 1.8, 1.8 -> floors 5, 3, 1, 1; the two remaining files go
+    # to the largest remainders (angry .8, sad .8), not to neutral (.4).
+    for speaker in ("spk01", "spk02"):
+        got = {e: counts[speaker, e] for e in EMOTIONS}
+        assert got == {"neutral": 5, "happy": 3, "angry": 2, "sad": 2}
+
+
+def test_priors_must_name_the_emotions_and_leave_every_emotion_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="class_priors must name exactly"):
+        synthesize_corpus(tmp_path / "a", n_speakers=3, class_priors={"neutral": 1.0})
+    with pytest.raises(ConfigError, match="raise utterances_per_speaker"):
+        synthesize_corpus(
+            tmp_path / "b",
+            n_speakers=3,
+            class_priors={"neutral": 0.94, "happy": 0.02, "angry": 0.02, "sad": 0.02},
+            utterances_per_speaker=8,
+        )
+    with pytest.raises(ConfigError, match="duplicate_fraction must be between 0 and 1"):
+        synthesize_corpus(tmp_path / "c", n_speakers=3, duplicate_fraction=1.5)
+
+
+def test_undegraded_files_are_planned_as_in_a_clean_build(corpus, degraded):
+    """Degradations draw from their own random stream: a file they leave alone gets the plan it
+    has in a clean build. (Not the same bytes: espeak's state carries over from the previous
+    utterance of the speaker, see espeak.py.)"""
+    dirty, clean = read_render_params(degraded), read_render_params(corpus)
+    untouched = [
+        p for p, row in dirty.items() if row["duplicate_of"] == "-1" and row["band"] == "full"
+        and float(row["snr_db"]) >= 5.0
+    ]  # fmt: skip
+    assert 0 < len(untouched) < len(dirty)
+    planned = [f for f in dirty[untouched[0]] if f not in ("duration_s", "limiter_scale")]
+    for path in untouched:
+        assert [dirty[path][f] for f in planned] == [clean[path][f] for f in planned]
+
+
+def test_a_duplicate_re_reads_an_original_with_fresh_noise(degraded):
+    params = read_render_params(degraded)
+    duplicates = [row for row in params.values() if row["duplicate_of"] != "-1"]
+    assert duplicates, "30% duplicates of 36 files drew none"
+    reading = ("sentence_index", "rate_wpm", "pitch", "pitch_range", "volume", "espeak_seed")
+    for row in duplicates:
+        index = int(row["duplicate_of"])
+        original = params[f"wav/{row['speaker']}/{row['speaker']}_{row['label']}_{index:03d}.wav"]
+        assert original["duplicate_of"] == "-1"  # copies are of originals, never of copies
+        assert [row[k] for k in reading] == [original[k] for k in reading]
+        assert row["noise_colour"] != original["noise_colour"]
+
+
+def test_low_quality_files_are_noisy_and_telephone_ones_band_limited(degraded):
+    params = read_render_params(degraded)
+    low = [row for row in params.values() if float(row["snr_db"]) < 5.0]
+    assert low and all(-5.0 <= float(row["snr_db"]) <= 5.0 for row in low)
+    telephone = [row for row in params.values() if row["band"] == "telephone"]
+    assert telephone and all(row in low for row in telephone)
+    for row in telephone:
+        samples, rate = sf.read(str(degraded / row["path"]), dtype="float64")
+        power = np.abs(np.fft.rfft(samples)) ** 2
+        freqs = np.fft.rfftfreq(len(samples), 1.0 / rate)
+        outside = power[(freqs < 250) | (freqs > 3500)].sum() / power.sum()
+        assert outside < 1e-3  # only 16-bit rounding noise is left outside 300-3400 Hz

@@ -22,6 +22,22 @@ each speaker is rendered in a new Python process (``sys.executable -c ...``), wh
 same call sequence each time. The caller's process never initialises espeak, and, unlike
 multiprocessing's spawn, the caller's ``__main__`` is not re-imported (no main guard is needed).
 
+What makes it behave like a natural SER corpus where it matters for active learning (each
+configurable, see ``synthesize_corpus``):
+
+* **Skewed class priors.** ``class_priors`` splits each speaker's ``utterances_per_speaker`` over
+  the emotions by largest remainder (``NATURAL_CLASS_PRIORS``: neutral dominates, angry and sad are
+  rare, as in acted-then-natural corpora such as IEMOCAP and MSP-Podcast). ``None`` keeps every
+  emotion at ``utterances_per_emotion`` per speaker.
+* **Near-duplicates.** A ``duplicate_fraction`` of the files re-read an earlier file of the same
+  speaker and emotion (same sentence, prosody and espeak seed) with fresh gain, padding and noise;
+  ``render_params.csv`` names the original in ``duplicate_of``. A k-center or uncertainty pick of
+  both is a wasted label.
+* **Low-quality items.** A ``low_quality_fraction`` of the files get an SNR drawn from
+  ``LOW_QUALITY_SNR_DB`` instead of ``snr_db_range``, and half of those are band-limited to a
+  telephone channel (``TELEPHONE_BAND_HZ``); ``band`` and ``snr_db`` record it. These are the
+  outliers a distance-based strategy is drawn to.
+
 Rebuilds are skipped: when ``SYNTH_INFO.json`` is marked complete, records the same parameters,
 format version and espeak version, and every file in ``labels.csv`` exists, ``synthesize_corpus``
 returns at once without touching any file (it does not re-hash the audio). Any difference, or an
@@ -50,7 +66,7 @@ import numpy as np
 from after_ray.errors import ConfigError, CorpusError
 
 # Bump when a change to this module changes the audio, so older builds are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INFO_NAME = "SYNTH_INFO.json"
 LABELS_NAME = "labels.csv"
 RENDER_PARAMS_NAME = "render_params.csv"
@@ -83,6 +99,21 @@ CALIBRATION_TARGET_RMS = 0.03
 PEAK_LIMIT = 0.95
 PAD_SECONDS_RANGE = (0.15, 0.5)
 HUM_PROBABILITY = 0.4
+
+# Neutral-heavy, angry/sad rare: the shape of natural SER corpora (IEMOCAP's improvised sessions,
+# MSP-Podcast), where a class-balanced pool would make random sampling look better than it is.
+NATURAL_CLASS_PRIORS: dict[str, float] = {
+    "neutral": 0.45,
+    "happy": 0.25,
+    "angry": 0.15,
+    "sad": 0.15,
+}
+LOW_QUALITY_SNR_DB = (-5.0, 5.0)
+TELEPHONE_BAND_HZ = (300.0, 3400.0)
+TELEPHONE_SHARE = 0.5  # of the low-quality files
+FULL_BAND = "full"
+TELEPHONE_BAND = "telephone"
+_DEGRADATION_SALT = 0xD0B1E
 
 _ACCENTS = (
     "en-us",
@@ -179,15 +210,18 @@ class UtterancePlan:
     noise_colour: float  # spectral exponent: 0 white, 1 pink, 2 brown
     hum_hz: float  # 0 when the file has no hum
     hum_share: float  # hum RMS relative to the broadband noise RMS
+    duplicate_of: int = -1  # index of the same speaker's and emotion's file it re-reads, or -1
+    band: str = FULL_BAND  # FULL_BAND or TELEPHONE_BAND
 
 
 @dataclass(frozen=True)
 class _SpeakerJob:
     speaker_index: int
     speaker: SpeakerVoice
-    emotions: tuple[str, ...]
-    utterances_per_emotion: int
+    emotion_counts: dict[str, int]
     separation: float
+    duplicate_fraction: float
+    low_quality_fraction: float
     snr_db_range: tuple[float, float]
     gain_db_range: tuple[float, float]
     sample_rate: int
@@ -349,9 +383,86 @@ def render_acoustics(
     # SNR against the speech frames only, so the padding and word gaps do not inflate it.
     noise_rms = active_rms(speech, sample_rate) / 10.0 ** (plan.snr_db / 20.0)
     mixed = padded + noise_rms * noise
+    if plan.band == TELEPHONE_BAND:
+        mixed = band_limit(mixed, sample_rate, TELEPHONE_BAND_HZ)
     peak = float(np.max(np.abs(mixed)))
     limiter_scale = min(1.0, PEAK_LIMIT / peak) if peak > 0 else 1.0
     return (mixed * limiter_scale).astype(np.float32), limiter_scale
+
+
+def band_limit(samples: np.ndarray, sample_rate: int, band_hz: tuple[float, float]) -> np.ndarray:
+    """Keep only ``band_hz`` (an ideal FFT mask: a telephone channel's 300-3400 Hz)."""
+    fft_length = _fast_fft_length(max(len(samples), 2))
+    spectrum = np.fft.rfft(samples, n=fft_length)
+    freqs = np.fft.rfftfreq(fft_length, d=1.0 / sample_rate)
+    spectrum[(freqs < band_hz[0]) | (freqs > band_hz[1])] = 0.0
+    return np.fft.irfft(spectrum, n=fft_length)[: len(samples)]
+
+
+def emotion_counts(
+    emotions: tuple[str, ...],
+    utterances_per_emotion: int,
+    class_priors: dict[str, float] | None,
+    utterances_per_speaker: int | None,
+) -> dict[str, int]:
+    """Files per emotion of every speaker: balanced, or ``utterances_per_speaker`` split over the
+    priors by largest remainder (ties to the earlier emotion), so the skew is the same per voice."""
+    if not class_priors:
+        return {e: utterances_per_emotion for e in emotions}
+    total = utterances_per_speaker or utterances_per_emotion * len(emotions)
+    weight = sum(class_priors[e] for e in emotions)
+    exact = [total * class_priors[e] / weight for e in emotions]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(emotions)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return dict(zip(emotions, counts, strict=True))
+
+
+def degrade_plan(
+    plan: UtterancePlan,
+    rng: np.random.Generator,
+    originals: list[tuple[int, UtterancePlan]],
+    *,
+    duplicate_fraction: float,
+    low_quality_fraction: float,
+) -> UtterancePlan:
+    """Turn a plan into a near-duplicate of an earlier one and/or a low-quality file.
+
+    ``rng`` is the file's own degradation stream (separate from the plan's), so with both fractions
+    at 0 every file is what it was before degradations existed.
+    """
+    import dataclasses
+
+    is_duplicate = rng.random() < duplicate_fraction
+    pick = int(rng.integers(len(originals))) if originals else -1
+    is_low_quality = rng.random() < low_quality_fraction
+    is_telephone = rng.random() < TELEPHONE_SHARE
+    low_snr = float(rng.uniform(*LOW_QUALITY_SNR_DB))
+    changes: dict[str, Any] = {}
+    if is_duplicate and pick >= 0:
+        # The same reading (sentence, prosody, espeak's own seed); fresh acoustics.
+        original, source = originals[pick]
+        changes |= {
+            name: getattr(source, name)
+            for name in ("sentence_index", "rate_wpm", "pitch", "pitch_range", "volume",
+                         "word_gap", "espeak_seed")
+        }  # fmt: skip
+        changes["duplicate_of"] = original
+    if is_low_quality:
+        changes["snr_db"] = low_snr
+        changes["band"] = TELEPHONE_BAND if is_telephone else FULL_BAND
+    return dataclasses.replace(plan, **changes) if changes else plan
+
+
+def degradation_rng(
+    seed: int, speaker_index: int, emotion: str, utterance_index: int
+) -> np.random.Generator:
+    """The file's degradation stream (duplicate, quality): a function of these four values."""
+    emotion_key = zlib.crc32(emotion.encode())
+    return np.random.default_rng(
+        [seed, _DEGRADATION_SALT, speaker_index, emotion_key, utterance_index]
+    )
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:
@@ -403,8 +514,9 @@ def _render_speaker(job: _SpeakerJob) -> list[dict[str, Any]]:
     speaker_dir = Path(job.out_dir) / WAV_DIR_NAME / speaker.speaker_id
     speaker_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for emotion in job.emotions:
-        for index in range(job.utterances_per_emotion):
+    for emotion, count in job.emotion_counts.items():
+        plans: list[UtterancePlan] = []
+        for index in range(count):
             rng = utterance_rng(job.seed, job.speaker_index, emotion, index)
             plan = plan_utterance(
                 rng,
@@ -414,6 +526,15 @@ def _render_speaker(job: _SpeakerJob) -> list[dict[str, Any]]:
                 snr_db_range=job.snr_db_range,
                 gain_db_range=job.gain_db_range,
             )
+            # Duplicates re-read only originals (an earlier file that is not itself a copy).
+            plan = degrade_plan(
+                plan,
+                degradation_rng(job.seed, job.speaker_index, emotion, index),
+                [(i, p) for i, p in enumerate(plans) if p.duplicate_of < 0],
+                duplicate_fraction=job.duplicate_fraction,
+                low_quality_fraction=job.low_quality_fraction,
+            )
+            plans.append(plan)
             prosody = espeak.Prosody(
                 rate_wpm=plan.rate_wpm,
                 pitch=plan.pitch,
@@ -455,7 +576,6 @@ def _job_from_json(text: str) -> _SpeakerJob:
         **{
             **fields,
             "speaker": SpeakerVoice(**fields["speaker"]),
-            "emotions": tuple(fields["emotions"]),
             "snr_db_range": tuple(fields["snr_db_range"]),
             "gain_db_range": tuple(fields["gain_db_range"]),
         }
@@ -538,9 +658,32 @@ def _build_params(
     gain_db_range: tuple[float, float],
     sample_rate: int,
     seed: int,
+    class_priors: dict[str, float] | None = None,
+    utterances_per_speaker: int | None = None,
+    duplicate_fraction: float = 0.0,
+    low_quality_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Validated build parameters as a JSON-ready dict (the identity of a build)."""
     problems = []
+    priors = dict(class_priors or {})
+    if priors:
+        if sorted(priors) != sorted(emotions):
+            problems.append(
+                f"class_priors must name exactly the emotions {list(emotions)}, got {sorted(priors)}"
+            )
+        elif not all(math.isfinite(v) and v > 0 for v in priors.values()):
+            problems.append(f"class_priors must all be positive, got {priors}")
+    if utterances_per_speaker is not None and utterances_per_speaker < len(emotions):
+        problems.append(
+            f"utterances_per_speaker must be at least the number of emotions ({len(emotions)}), "
+            f"got {utterances_per_speaker}"
+        )
+    for name, value in (
+        ("duplicate_fraction", duplicate_fraction),
+        ("low_quality_fraction", low_quality_fraction),
+    ):
+        if not 0.0 <= value <= 1.0:
+            problems.append(f"{name} must be between 0 and 1, got {value}")
     if not 1 <= n_speakers <= MAX_SPEAKERS:
         problems.append(f"n_speakers must be between 1 and {MAX_SPEAKERS}, got {n_speakers}")
     if utterances_per_emotion < 1:
@@ -559,6 +702,13 @@ def _build_params(
         problems.append(f"sample_rate must be at least 8000 Hz, got {sample_rate}")
     if int(seed) != seed or seed < 0:
         problems.append(f"seed must be a non-negative integer, got {seed!r}")
+    if not problems and priors:
+        counts = emotion_counts(emotions, utterances_per_emotion, priors, utterances_per_speaker)
+        if min(counts.values()) < 1:
+            problems.append(
+                f"utterances_per_speaker is too small for class_priors {priors}: some emotion gets "
+                f"no file per speaker ({counts}); raise utterances_per_speaker"
+            )
     if problems:
         raise ConfigError("synthesized corpus: " + "; ".join(problems))
     return {
@@ -570,7 +720,23 @@ def _build_params(
         "gain_db_range": [float(gain_db_range[0]), float(gain_db_range[1])],
         "sample_rate": int(sample_rate),
         "seed": int(seed),
+        "class_priors": {e: float(priors[e]) for e in emotions} if priors else None,
+        "utterances_per_speaker": (
+            int(utterances_per_speaker) if priors and utterances_per_speaker else None
+        ),
+        "duplicate_fraction": float(duplicate_fraction),
+        "low_quality_fraction": float(low_quality_fraction),
     }
+
+
+def params_emotion_counts(params: dict[str, Any]) -> dict[str, int]:
+    """Files per emotion of every speaker of a build (from its validated parameters)."""
+    return emotion_counts(
+        tuple(params["emotions"]),
+        params["utterances_per_emotion"],
+        params.get("class_priors"),
+        params.get("utterances_per_speaker"),
+    )
 
 
 def _build_identity(params: dict[str, Any]) -> dict[str, Any]:
@@ -604,9 +770,7 @@ def _is_reusable(out_dir: Path, identity: dict[str, Any]) -> bool:
     with labels.open(newline="") as handle:
         paths = [row["path"] for row in csv.DictReader(handle)]
     expected = identity["params"]
-    n_expected = (
-        expected["n_speakers"] * expected["utterances_per_emotion"] * len(expected["emotions"])
-    )
+    n_expected = expected["n_speakers"] * sum(params_emotion_counts(expected).values())
     return len(paths) == n_expected and all((out_dir / p).is_file() for p in paths)
 
 
@@ -660,11 +824,16 @@ def synthesize_corpus(
     gain_db_range: tuple[float, float] = (-6.0, 6.0),
     sample_rate: int = 16000,
     seed: int = 0,
+    class_priors: dict[str, float] | None = None,
+    utterances_per_speaker: int | None = None,
+    duplicate_fraction: float = 0.0,
+    low_quality_fraction: float = 0.0,
     num_processes: int | None = None,
 ) -> Path:
     """Build the synthesized demo corpus in ``out_dir`` (or reuse an identical build); return it.
 
-    Writes ``n_speakers * len(emotions) * utterances_per_emotion`` WAV files plus ``labels.csv``
+    Writes ``n_speakers * len(emotions) * utterances_per_emotion`` WAV files (with
+    ``class_priors``: ``n_speakers * utterances_per_speaker``, split by the priors) plus ``labels.csv``
     (generic CSV layout), ``render_params.csv`` and ``SYNTH_INFO.json``; see the module docstring
     for the layout, the rendering and the reuse rule. ``num_processes`` (default: the CPUs this
     process may use) bounds how many speakers render at once; it does not change the output.
@@ -674,6 +843,7 @@ def synthesize_corpus(
     params = _build_params(
         n_speakers, utterances_per_emotion, emotions, separation,
         tuple(snr_db_range), tuple(gain_db_range), sample_rate, seed,
+        class_priors, utterances_per_speaker, duplicate_fraction, low_quality_fraction,
     )  # fmt: skip
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"num_processes must be at least 1, got {num_processes}")
@@ -692,9 +862,10 @@ def synthesize_corpus(
         _SpeakerJob(
             speaker_index=k,
             speaker=speaker,
-            emotions=emotions,
-            utterances_per_emotion=utterances_per_emotion,
+            emotion_counts=params_emotion_counts(params),
             separation=params["separation"],
+            duplicate_fraction=params["duplicate_fraction"],
+            low_quality_fraction=params["low_quality_fraction"],
             snr_db_range=tuple(params["snr_db_range"]),
             gain_db_range=tuple(params["gain_db_range"]),
             sample_rate=sample_rate,
