@@ -271,7 +271,7 @@ class ALConfig:
 
     strategy: str = "after"
     strategy_params: dict[str, Any] = field(default_factory=dict)
-    cold_start: str = "after_init"
+    cold_start: str = "coreset"
     cold_start_params: dict[str, Any] = field(default_factory=dict)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     oracle: OracleConfig = field(default_factory=OracleConfig)

@@ -44,6 +44,26 @@ def _key(payload: Any) -> str:
     ]
 
 
+SPEAKER_STD_FLOOR = 1e-6
+
+
+def speaker_standardise(features: np.ndarray, speakers: list[str | None]) -> np.ndarray:
+    """Each feature z-scored over each speaker's rows (mean 0, std 1 per speaker; a speaker
+    with one row is only centred; rows without a speaker are left as they are)."""
+    out = np.array(features, dtype=np.float32, copy=True)
+    groups: dict[str, list[int]] = {}
+    for i, speaker in enumerate(speakers):
+        if speaker:
+            groups.setdefault(str(speaker), []).append(i)
+    for rows in groups.values():
+        block = out[rows].astype(np.float64)
+        centred = block - block.mean(axis=0)
+        if len(rows) > 1:
+            centred /= np.maximum(block.std(axis=0), SPEAKER_STD_FLOOR)
+        out[rows] = centred.astype(np.float32)
+    return out
+
+
 @dataclass
 class FeatureSpace:
     """Raw pooled features of every scored row, and the pool's standardisation."""
@@ -92,6 +112,12 @@ class FeatureSpace:
                 seed=FEATURE_SEED,
                 cache_root=root / "scores",
             )
+        if config.finetune.speaker_norm:
+            speakers = {r["utt_id"]: r.get("speaker") for r in rows}
+            embedding = speaker_standardise(
+                scores.embedding, [speakers.get(u) for u in scores.utt_ids.tolist()]
+            )
+            scores = dataclasses.replace(scores, embedding=embedding)
         scored = set(scores.utt_ids.tolist())
         pool = scores.take([u for u in pool_ids if u in scored])
         shift, scale = pool_standardisation(pool.embedding)

@@ -206,3 +206,19 @@ def test_a_head_mode_run_reads_audio_once_and_its_models_score_like_the_actor_pa
     assert metrics["test"]["wa"] == pytest.approx(
         float(np.mean([predicted[i] == truth[u] for i, u in enumerate(ids)]))
     )
+
+
+def test_speaker_standardise_gives_each_speaker_mean_0_std_1_and_leaves_the_rest():
+    from after_ray.head_rounds import speaker_standardise
+
+    rng = np.random.default_rng(3)
+    # A big per-speaker offset and scale, as voices put on pooled features.
+    x = np.concatenate([rng.normal(5, 3, (6, 4)), rng.normal(-2, 0.5, (5, 4)), [[1, 2, 3, 4]],
+                        [[7, 7, 7, 7]]])  # fmt: skip
+    speakers = ["a"] * 6 + ["b"] * 5 + ["c"] + [None]
+    out = speaker_standardise(x, speakers)
+    for rows in (slice(0, 6), slice(6, 11)):
+        block = x[rows]
+        np.testing.assert_allclose(out[rows], (block - block.mean(0)) / block.std(0), atol=1e-5)
+    np.testing.assert_array_equal(out[11], [0, 0, 0, 0])  # one utterance: centred only
+    np.testing.assert_array_equal(out[12], x[12])  # no speaker: untouched

@@ -232,7 +232,7 @@ def test_get_strategy_errors_name_the_problem():
     with pytest.raises(ConfigError, match="n_clusters"):
         get_strategy("after_init", n_clusters=0)
     assert type(get_strategy("Cluster-Margin")).name == "cluster_margin"
-    assert strategy_params("after") == {"uncertainty": "entropy", "prefilter_factor": 4.0}
+    assert strategy_params("after") == {"uncertainty": "margin", "prefilter_factor": 4.0}
     assert issubclass(ConfigError, AfterRayError)
 
 

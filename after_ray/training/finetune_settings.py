@@ -43,6 +43,11 @@ class FinetuneConfig:
     # L2 strengths tried by the "head" trainer (class-weighted logistic regression, full-batch
     # L-BFGS); the one with the best validation UA is kept, like the best epoch in "full".
     head_l2_grid: tuple[float, ...] = (1.0e-3, 1.0e-2, 1.0e-1)
+    # Head mode: z-score every feature per speaker (over all of that speaker's utterances, no
+    # label used) before the head and before any distance, as SER systems normalise per speaker:
+    # otherwise k-center and clustering cover voices, not emotions. Needs the manifest's speaker
+    # column; utterances without a speaker keep the pool-wide standardisation.
+    speaker_norm: bool = False
 
     # Head: pooling over valid frames -> dropout -> linear. "layer_stats" pools the mean and std
     # of every layer (CNN output, projection, each Transformer layer): what a frozen backbone's

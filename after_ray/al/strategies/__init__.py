@@ -24,7 +24,7 @@ typiclust           embeddings                             max_clusters (500), k
 after_init          embeddings                             n_clusters (elbow), max_clusters
                                                            (10), kmeans_niter (20),
                                                            kmeans_n_init (5)
-after               probs or mc_probs, embeddings          uncertainty ("entropy"),
+after               probs or mc_probs, embeddings          uncertainty ("margin"),
                                                            prefilter_factor (4)
 ==================  =====================================  ===================================
 

@@ -27,6 +27,10 @@ Why this shape:
   O(m (L + k) D), i.e. tiny next to scoring the pool; it also scales through the same exact
   k-center kernel as ``coreset`` (FAISS 1-NN for the labeled distances).
 
+The default pre-filter is ``margin``: entropy ranks first the items whose probability is spread
+over all classes (often the noisy, low-SNR ones), the margin ranks first the items on the
+current decision boundary between two classes, which is where a label moves the boundary.
+
 Deterministic: ``seed`` is not used.
 """
 
@@ -75,7 +79,7 @@ class AfterHybrid(Strategy):
     name: ClassVar[str] = "after"
     requires = frozenset({"probs", "embeddings"})
 
-    def __init__(self, uncertainty: str = "entropy", prefilter_factor: float = 4.0) -> None:
+    def __init__(self, uncertainty: str = "margin", prefilter_factor: float = 4.0) -> None:
         self.uncertainty = check_choice(self.name, "uncertainty", uncertainty, UNCERTAINTY_MEASURES)
         self.prefilter_factor = check_factor(self.name, "prefilter_factor", prefilter_factor)
         needs = "mc_probs" if self.uncertainty == "bald" else "probs"
