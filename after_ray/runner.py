@@ -208,7 +208,15 @@ def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_ind
         )
 
 
-def _pool_view(pool_ids: list[str], labeled: set[str], scores=None, durations=None) -> PoolView:
+def _pool_view(
+    pool_ids: list[str],
+    labeled: set[str],
+    scores=None,
+    durations=None,
+    speakers: dict[str, Any] | None = None,
+) -> PoolView:
+    """The strategies' input. ``speakers`` maps utt_id -> the manifest's ``speaker`` value: the
+    view carries them (for ``speaker_norm``) unless none is known, then it has no speakers."""
     ids = np.asarray(pool_ids, dtype=object)
     fields: dict[str, Any] = {}
     if scores is not None:
@@ -218,6 +226,13 @@ def _pool_view(pool_ids: list[str], labeled: set[str], scores=None, durations=No
             fields["mc_probs"] = s.mc_probs
     if durations is not None:
         fields["durations"] = np.asarray([durations[u] for u in pool_ids], dtype=np.float64)
+    if speakers is not None:
+        # None / "" = unknown speaker; a pool with no known speaker keeps speakers=None so
+        # speaker_norm=null falls back to raw distances (and speaker_norm=true says why not).
+        values = [speakers.get(u) for u in pool_ids]
+        values = ["" if v is None else str(v).strip() for v in values]
+        if any(values):
+            fields["speakers"] = np.asarray(values, dtype=object)
     return PoolView(
         utt_ids=ids, labeled=np.asarray([u in labeled for u in pool_ids], dtype=bool), **fields
     )
@@ -270,7 +285,8 @@ def _select(
     if scores is not None:
         pool_rows = _without_lost_files(config, pool_rows, scores)
     pool_ids = sorted(r["utt_id"] for r in pool_rows)
-    view = _pool_view(pool_ids, labeled, scores, durations)
+    speakers = {r["utt_id"]: r.get("speaker") for r in pool_rows}
+    view = _pool_view(pool_ids, labeled, scores, durations, speakers)
     failpoint("stage:select")
     with state.timed("select", round_index):
         ranked = strategy.select(

@@ -89,6 +89,7 @@ FAST_PARAMS = {
     "cluster_margin": {"kmeans_niter": 5},
     "typiclust": {"kmeans_niter": 5},
     "after_init": {"kmeans_niter": 5, "max_clusters": 5, "kmeans_n_init": 2},
+    "alps": {"kmeans_niter": 5, "kmeans_n_init": 2},
 }
 
 
@@ -125,6 +126,7 @@ def test_registry_holds_every_strategy_in_the_brief():
         "cluster_margin",
         "typiclust",
         "after_init",
+        "alps",
         "after",
     }
     for name, cls in STRATEGIES.items():
@@ -232,7 +234,18 @@ def test_get_strategy_errors_name_the_problem():
     with pytest.raises(ConfigError, match="n_clusters"):
         get_strategy("after_init", n_clusters=0)
     assert type(get_strategy("Cluster-Margin")).name == "cluster_margin"
-    assert strategy_params("after") == {"uncertainty": "margin", "prefilter_factor": 4.0}
+    assert strategy_params("after") == {
+        "uncertainty": "margin",
+        "prefilter_factor": 4.0,
+        "speaker_norm": None,
+        "balance": False,
+    }
+    for name in ("coreset", "after_init", "typiclust", "alps"):
+        assert strategy_params(name)["speaker_norm"] is None  # auto: on when speakers exist
+    with pytest.raises(ConfigError, match="speaker_norm"):
+        get_strategy("coreset", speaker_norm="yes")
+    with pytest.raises(ConfigError, match="balance"):
+        get_strategy("after", balance=1)
     assert issubclass(ConfigError, AfterRayError)
 
 
@@ -720,3 +733,337 @@ def test_cover_clusters_round_robin_and_labeled_coverage():
     # Cluster 1 already has a labeled member: clusters 0 (larger) and 2 come first.
     picks = cover_clusters(assignment, labeled, 5, by_position)
     assert picks.tolist() == [0, 5, 1, 4, 2]
+
+
+# ---------------------------------------------------------------------------- speaker_norm
+
+
+def naive_speaker_standardize(x, speakers) -> np.ndarray:
+    """Per speaker and dimension, explicit loops: (x - mean) / max(std, 1e-6); one row: x - mean."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    for spk in sorted(set(speakers)):
+        rows = [i for i, s in enumerate(speakers) if s == spk]
+        for j in range(x.shape[1]):
+            values = [x[i, j] for i in rows]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+            for i in rows:
+                out[i, j] = x[i, j] - mean
+                if len(rows) > 1:
+                    out[i, j] /= max(std, 1e-6)
+    return out
+
+
+def test_speaker_standardize_matches_hand_computation(monkeypatch):
+    from after_ray.al.strategies import base
+
+    x = np.array(
+        [
+            [1.0, 10.0, 5.0],
+            [3.0, 14.0, 5.0],  # column 2 is constant for speaker a: centred to 0, not / 0
+            [100.0, -2.0, 7.0],
+            [5.0, 12.0, 5.0],
+            [104.0, 2.0, 1.0],
+            [7.0, 7.0, 7.0],  # speaker c has one row: centred only (the zero vector)
+            [0.0, 1.0, 2.0],
+            [2.0, 3.0, 6.0],  # "" = unknown speaker: one group of their own
+        ],
+        dtype=np.float32,
+    )
+    speakers = np.array(["a", "a", "b", "a", "b", "c", "", ""])
+    z = base.speaker_standardize(x, speakers)
+    assert z.dtype == np.float32 and z.shape == x.shape
+    # By hand for speaker a, column 0: values 1, 3, 5 -> mean 3, population std sqrt(8/3).
+    np.testing.assert_allclose(z[[0, 1, 3], 0], np.array([-2.0, 0.0, 2.0]) / math.sqrt(8 / 3))
+    # Speaker b, column 1: -2, 2 -> mean 0, std 2 -> -1, 1.
+    np.testing.assert_allclose(z[[2, 4], 1], [-1.0, 1.0])
+    np.testing.assert_array_equal(z[[0, 1, 3], 2], 0.0)
+    np.testing.assert_array_equal(z[5], 0.0)
+    np.testing.assert_allclose(z, naive_speaker_standardize(x, speakers.tolist()), atol=1e-6)
+    for rows in ([0, 1, 3], [2, 4], [6, 7]):  # mean 0 and std 1 in every varying dimension
+        np.testing.assert_allclose(z[rows].mean(axis=0), 0.0, atol=1e-6)
+        std = z[rows].std(axis=0)
+        np.testing.assert_allclose(std[std > 0], 1.0, rtol=1e-6)
+    # Column blocks (the memory bound) give the same values; re-applying changes nothing.
+    monkeypatch.setattr(base, "_SPEAKER_BLOCK_ELEMENTS", 8)
+    np.testing.assert_array_equal(base.speaker_standardize(x, speakers), z)
+    np.testing.assert_allclose(base.speaker_standardize(z, speakers), z, atol=1e-6)
+    # A per-dimension affine re-scaling of the pool does not change the result.
+    np.testing.assert_allclose(
+        base.speaker_standardize(x * np.float32([2.0, 0.5, 3.0]) + 7.0, speakers), z, atol=1e-5
+    )
+
+
+def speaker_dominated_pool(seed: int = 5) -> tuple[PoolView, np.ndarray]:
+    """8 speakers x 16 utterances (8 neutral, 4 happy, 2 angry, 2 sad): a speaker offset of
+    scale 10 on every dimension, a class signal of scale 1 and noise of 0.2, as in SER features
+    where the voice is the largest source of variance."""
+    rng = np.random.default_rng(seed)
+    per_speaker = np.repeat(np.arange(4), [8, 4, 2, 2])
+    speaker = np.repeat(np.arange(8), per_speaker.shape[0])
+    classes = np.tile(per_speaker, 8)
+    offsets = rng.normal(scale=10.0, size=(8, 6))
+    means = rng.normal(scale=1.0, size=(4, 6))
+    emb = offsets[speaker] + means[classes] + rng.normal(scale=0.2, size=(speaker.shape[0], 6))
+    ids = np.array([f"u{i:03d}" for i in range(speaker.shape[0])])
+    pool = PoolView(
+        ids,
+        np.zeros(ids.shape[0], dtype=bool),
+        embeddings=emb.astype(np.float32),
+        speakers=np.array([f"spk{s}" for s in speaker]),
+    )
+    return pool, classes
+
+
+def class_counts(picked: list[str], classes: np.ndarray) -> list[int]:
+    return np.bincount(classes[[int(u[1:]) for u in picked]], minlength=4).tolist()
+
+
+def test_coreset_with_speaker_norm_covers_the_classes_not_the_voices():
+    pool, classes = speaker_dominated_pool()
+    raw = get_strategy("coreset", speaker_norm=False).select(pool, 8, seed=0)
+    normed = get_strategy("coreset", speaker_norm=True).select(pool, 8, seed=0)
+    assert class_counts(raw, classes) == [4, 3, 1, 0]  # voices covered: sad is never asked
+    assert class_counts(normed, classes) == [2, 2, 2, 2]
+    # Auto (the default) normalises when the pool has speakers, and it is what coreset measures.
+    assert get_strategy("coreset").select(pool, 8, seed=0) == normed
+    z = naive_speaker_standardize(pool.embeddings, pool.speakers.tolist())
+    expected = naive_kcenter(z, np.empty(0, dtype=np.int64), np.ones(len(pool), dtype=bool), 8)
+    assert positions_of(pool, normed) == expected
+    # Without speaker ids (or with all-distinct ids) auto falls back to the raw embeddings.
+    bare = PoolView(pool.utt_ids, pool.labeled, embeddings=pool.embeddings)
+    assert get_strategy("coreset").select(bare, 8, seed=0) == raw
+    distinct = PoolView(
+        pool.utt_ids, pool.labeled, embeddings=pool.embeddings, speakers=pool.utt_ids
+    )
+    assert get_strategy("coreset").select(distinct, 8, seed=0) == raw
+
+
+def test_speaker_norm_reaches_the_hybrid_and_the_cold_starts():
+    pool, _ = speaker_dominated_pool()
+    z = naive_speaker_standardize(pool.embeddings, pool.speakers.tolist()).astype(np.float32)
+    as_normed = PoolView(pool.utt_ids, pool.labeled, embeddings=z)
+    for name, params in [
+        ("after_init", {"n_clusters": 4, "kmeans_niter": 5}),
+        ("typiclust", {"kmeans_niter": 5}),
+        ("alps", {"kmeans_niter": 5}),
+    ]:
+        normed = get_strategy(name, **params).select(pool, 6, seed=1)
+        assert normed == get_strategy(name, speaker_norm=False, **params).select(
+            as_normed, 6, seed=1
+        ), name
+    rng = np.random.default_rng(3)
+    probs = softmax(rng.normal(size=(len(pool), 4)))
+    scored = PoolView(
+        pool.utt_ids, pool.labeled, probs=probs, embeddings=pool.embeddings, speakers=pool.speakers
+    )
+    scored_normed = PoolView(pool.utt_ids, pool.labeled, probs=probs, embeddings=z)
+    assert get_strategy("after").select(scored, 6, seed=0) == get_strategy(
+        "after", speaker_norm=False
+    ).select(scored_normed, 6, seed=0)
+
+
+@pytest.mark.parametrize("name", ["coreset", "after", "after_init", "typiclust", "alps"])
+def test_speaker_norm_true_without_speakers_is_a_clear_error(name):
+    pool = make_pool(n=30, n_labeled=5, seed=12)  # no speakers
+    with pytest.raises(PoolError, match="speaker_norm=true.*no speaker ids") as info:
+        get_strategy(name, speaker_norm=True).select(pool, 4, seed=0)
+    assert name in str(info.value)
+    with_speakers = PoolView(
+        pool.utt_ids,
+        pool.labeled,
+        probs=pool.probs,
+        embeddings=pool.embeddings,
+        speakers=np.array([f"s{i % 3}" for i in range(len(pool))]),
+    )
+    assert len(get_strategy(name, speaker_norm=True).select(with_speakers, 4, seed=0)) == 4
+
+
+def test_poolview_speakers_validation_and_take():
+    ids = np.array(["a", "b", "c"])
+    lab = np.zeros(3, dtype=bool)
+    pool = PoolView(ids, lab, speakers=np.array(["s1", None, "s2"], dtype=object))
+    assert pool.speakers.tolist() == ["s1", "", "s2"]  # None = unknown
+    assert "speakers" in pool.present_fields()
+    assert pool.take(np.array([2, 0])).speakers.tolist() == ["s2", "s1"]
+    with pytest.raises(PoolError, match="speakers must have shape"):
+        PoolView(ids, lab, speakers=np.array(["s1", "s2"]))
+    with pytest.raises(PoolError, match="strings"):
+        PoolView(ids, lab, speakers=np.arange(3))
+
+
+def test_runner_pool_view_carries_the_manifest_speakers():
+    from after_ray.runner import _pool_view
+
+    ids = ["u1", "u2", "u3"]
+    view = _pool_view(ids, {"u2"}, None, None, {"u1": "ses1/F", "u2": "ses1/M", "u3": None})
+    assert view.speakers.tolist() == ["ses1/F", "ses1/M", ""]
+    assert view.labeled.tolist() == [False, True, False]
+    assert _pool_view(ids, set(), None, None, {"u1": "", "u2": None}).speakers is None
+    assert _pool_view(ids, set()).speakers is None
+
+
+# ---------------------------------------------------------------------------- after: margin, balance
+
+
+def test_after_default_prefilter_is_the_brute_force_margin_ranking():
+    pool = make_pool(n=120, n_labeled=20, seed=21, dim=5)
+    strategy = get_strategy("after")
+    assert strategy.uncertainty == "margin" and strategy.prefilter_factor == 4.0
+    p = pool.probs.tolist()
+
+    def neg_margin(i):
+        top = sorted(p[i], reverse=True)
+        return -(top[0] - top[1])
+
+    k = 7
+    expected_candidates = naive_prefilter(pool, neg_margin, 4 * k)
+    assert strategy.candidates(pool, k).tolist() == expected_candidates
+    mask = np.zeros(len(pool), dtype=bool)
+    mask[expected_candidates] = True
+    expected = naive_kcenter(pool.embeddings, pool.labeled_positions, mask, k)
+    assert positions_of(pool, strategy.select(pool, k, seed=0)) == expected
+    # entropy stays selectable and ranks differently on this pool.
+    entropy_first = get_strategy("after", uncertainty="entropy").candidates(pool, k)
+    assert set(entropy_first.tolist()) != set(expected_candidates)
+
+
+def naive_balanced(pool: PoolView, mask: np.ndarray, k: int) -> list[int]:
+    """Greedy order over all candidates, then the class with the fewest picks takes its next
+    item (ties: fewer labeled items predicted in it, then the lower class)."""
+    order = naive_kcenter(pool.embeddings, pool.labeled_positions, mask, int(mask.sum()))
+    predicted = [int(np.argmax(row)) for row in pool.probs]
+    queues: dict[int, list[int]] = {}
+    for i in order:
+        queues.setdefault(predicted[i], []).append(i)
+    labeled_per_class = {
+        c: sum(1 for i in pool.labeled_positions if predicted[i] == c) for c in queues
+    }
+    counts = dict.fromkeys(queues, 0)
+    picks: list[int] = []
+    while len(picks) < k and any(queues.values()):
+        c = min(
+            (c for c in queues if queues[c]), key=lambda c: (counts[c], labeled_per_class[c], c)
+        )
+        picks.append(queues[c].pop(0))
+        counts[c] += 1
+    return picks
+
+
+def balanced_pool(n_per_class=(30, 15, 10, 2), n_labeled: int = 0) -> PoolView:
+    rng = np.random.default_rng(4)
+    predicted = np.repeat(np.arange(4), n_per_class)
+    n = predicted.shape[0]
+    logits = rng.normal(scale=0.1, size=(n, 4))
+    logits[np.arange(n), predicted] += 0.5  # all uncertain, argmax = the predicted class
+    labeled = np.zeros(n, dtype=bool)
+    labeled[rng.choice(n, size=n_labeled, replace=False)] = True
+    return PoolView(
+        np.array([f"u{i:03d}" for i in range(n)]),
+        labeled,
+        probs=softmax(logits),
+        embeddings=rng.normal(size=(n, 3)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize(("k", "n_labeled"), [(8, 0), (10, 0), (9, 6)])
+def test_after_balance_gives_class_counts_within_one(k, n_labeled):
+    pool = balanced_pool(n_labeled=n_labeled)
+    predicted = np.argmax(pool.probs, axis=1)
+    strategy = get_strategy("after", balance=True, prefilter_factor=20)
+    picked = strategy.select(pool, k, seed=0)
+    counts = np.bincount(predicted[positions_of(pool, picked)], minlength=4)
+    available = np.bincount(predicted[~pool.labeled], minlength=4)
+    # Within one of the largest count, unless the class has no candidate left.
+    assert all(counts[c] >= counts.max() - 1 or counts[c] == available[c] for c in range(4))
+    mask = np.zeros(len(pool), dtype=bool)
+    mask[strategy.candidates(pool, k)] = True
+    assert positions_of(pool, picked) == naive_balanced(pool, mask, k)
+    if (k, n_labeled) == (8, 0):
+        assert counts.tolist() == [2, 2, 2, 2]
+        unbalanced = get_strategy("after", prefilter_factor=20).select(pool, 8, seed=0)
+        plain = np.bincount(predicted[positions_of(pool, unbalanced)], minlength=4)
+        assert plain.tolist() != [2, 2, 2, 2]  # balance is what evens the counts out
+    if (k, n_labeled) == (10, 0):  # class 3 has 2 items: the others share the rest evenly
+        assert counts.tolist() == [3, 3, 2, 2]
+
+
+# ---------------------------------------------------------------------------- alps
+
+
+def naive_alps(pool: PoolView, k: int, seed: int, niter: int, n_init: int) -> list[int]:
+    """k-means of the normalised unlabeled rows into k clusters (the same seeded runs as the
+    strategy, the lowest inertia kept), then each cluster's member nearest to its centroid,
+    largest cluster first."""
+    from after_ray.al.clustering import kmeans
+
+    x = pool.embeddings.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    unl = [i for i in range(len(pool)) if not pool.labeled[i]]
+    xu = x[unl].astype(np.float32)
+    runs = [kmeans(xu, k, seed=seed * n_init + i, niter=niter) for i in range(n_init)]
+    inertia = [
+        float(((xu.astype(np.float64) - np.asarray(c, np.float64)[a]) ** 2).sum()) for c, a in runs
+    ]
+    centroids, assignment = runs[int(np.argmin(inertia))]
+    members: dict[int, list[int]] = {}
+    for j, c in enumerate(np.asarray(assignment).tolist()):
+        members.setdefault(c, []).append(unl[j])
+
+    def d2(i, c):
+        diff = x[i].astype(np.float32).astype(np.float64) - np.asarray(centroids[c], np.float64)
+        return float((diff**2).sum())
+
+    queues = {
+        c: sorted(m, key=lambda i, c=c: (d2(i, c), str(pool.utt_ids[i])))
+        for c, m in members.items()
+    }
+    order = sorted(queues, key=lambda c: (-len(queues[c]), c))
+    picks: list[int] = []
+    depth = 0
+    while len(picks) < k:
+        for c in order:
+            if depth < len(queues[c]) and len(picks) < k:
+                picks.append(queues[c][depth])
+        depth += 1
+    return picks
+
+
+@pytest.mark.parametrize(("n_labeled", "k", "seed"), [(0, 5, 0), (7, 6, 3)])
+def test_alps_is_nearest_to_centroid_without_labels(n_labeled, k, seed):
+    rng = np.random.default_rng(seed)
+    n = 40
+    emb = (np.eye(5, 4)[rng.integers(0, 5, size=n)] * 3 + rng.normal(size=(n, 4))).astype(
+        np.float32
+    )
+    labeled = np.zeros(n, dtype=bool)
+    labeled[rng.choice(n, size=n_labeled, replace=False)] = True
+    ids = make_ids(n, rng)
+    # Only ids, the labeled mask and embeddings: no label, no model output anywhere.
+    pool = PoolView(ids, labeled, embeddings=emb)
+    strategy = get_strategy("alps", kmeans_niter=10)
+    picked = strategy.select(pool, k, seed=seed)
+    assert positions_of(pool, picked) == naive_alps(pool, k, seed, 10, strategy.kmeans_n_init)
+    assert strategy.select(pool, k, seed=seed) == picked  # deterministic for a seed
+    # Model outputs, if present, change nothing: alps reads the embeddings only.
+    probs = softmax(rng.normal(size=(n, 4)))
+    with_outputs = PoolView(ids, labeled, probs=probs, mc_probs=probs[:, None, :], embeddings=emb)
+    assert strategy.select(with_outputs, k, seed=seed) == picked
+
+
+def test_alps_covers_the_blobs_of_a_cold_start():
+    rng = np.random.default_rng(2)
+    centers = np.eye(4, 8) * 10.0
+    blob = np.repeat(np.arange(4), [40, 30, 20, 10])
+    emb = (centers[blob] + rng.normal(scale=0.3, size=(100, 8))).astype(np.float32)
+    pool = PoolView(make_ids(100, rng), np.zeros(100, dtype=bool), embeddings=emb)
+    picked = get_strategy("alps").select(pool, 4, seed=0)
+    assert sorted(blob[positions_of(pool, picked)].tolist()) == [0, 1, 2, 3]
+
+
+def test_default_cold_start_is_coreset():
+    from after_ray.config import ALConfig
+
+    assert ALConfig().cold_start == "coreset"
+    assert ALConfig().strategy == "after"

@@ -26,7 +26,7 @@ PROB_SUM_ATOL = 1e-3
 PROB_MIN = -1e-6
 
 # The optional per-row fields, in the order they are documented.
-OPTIONAL_FIELDS = ("probs", "mc_probs", "embeddings", "penultimate", "durations")
+OPTIONAL_FIELDS = ("probs", "mc_probs", "embeddings", "penultimate", "durations", "speakers")
 
 
 class PoolError(AfterRayError, ValueError):
@@ -47,6 +47,9 @@ class PoolView:
             TAPT model in the cold start).
         penultimate: ``[N, H]`` input of the classifier's last linear layer (BADGE).
         durations: ``[N]`` seconds of audio per utterance (> 0).
+        speakers: ``[N]`` speaker id per utterance (str, from the manifest's ``speaker``
+            column; ``""`` = unknown). Strategies with ``speaker_norm`` z-score the embeddings
+            per speaker with it so distances follow emotion rather than voice. No label is in it.
     """
 
     utt_ids: np.ndarray
@@ -56,6 +59,7 @@ class PoolView:
     embeddings: np.ndarray | None = None
     penultimate: np.ndarray | None = None
     durations: np.ndarray | None = None
+    speakers: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # frozen: normalise the stored arrays through object.__setattr__, once.
@@ -122,6 +126,8 @@ class PoolView:
                     f"PoolView.durations must be > 0 s; {int((durations <= 0).sum())} are not"
                 )
             set_(self, "durations", durations)
+        if self.speakers is not None:
+            set_(self, "speakers", _speaker_array(self.speakers, n))
 
     def __len__(self) -> int:
         return int(self.utt_ids.shape[0])
@@ -163,6 +169,26 @@ class PoolView:
     def with_labeled(self, labeled: np.ndarray) -> PoolView:
         """The same pool with another labeled mask (e.g. after a round's picks)."""
         return replace(self, labeled=np.asarray(labeled))
+
+
+def _speaker_array(value: object, n: int) -> np.ndarray:
+    speakers = np.asarray(value)
+    if speakers.shape != (n,):
+        raise PoolError(
+            f"PoolView.speakers must have shape ({n},) (one speaker id per utt_id), got "
+            f"{speakers.shape}"
+        )
+    if speakers.size and speakers.dtype.kind not in "UO":
+        raise PoolError(
+            f"PoolView.speakers must be strings (speaker ids), got dtype {speakers.dtype}"
+        )
+    if speakers.dtype.kind == "O":
+        bad = [s for s in speakers if s is not None and not isinstance(s, str)]
+        if bad:
+            raise PoolError(f"PoolView.speakers must all be str or None, found e.g. {bad[:3]!r}")
+        # None (no speaker known) and "" mean the same: one "unknown" group.
+        speakers = np.asarray(["" if s is None else s for s in speakers], dtype=str)
+    return speakers.astype(str)
 
 
 def _float_array(name: str, value: object, *, ndim: int, n: int) -> np.ndarray:

@@ -13,20 +13,30 @@ entropy             probs                                  -
 least_confidence    probs                                  -
 margin              probs                                  -
 bald                mc_probs (T >= 2)                      -
-coreset             embeddings                             -
+coreset             embeddings                             speaker_norm (auto)
 badge               probs, penultimate                     -
 cluster_margin      probs, embeddings                      n_clusters (ceil(sqrt N)),
                                                            margin_pool_factor (10),
                                                            kmeans_niter (20)
 typiclust           embeddings                             max_clusters (500), knn (20),
                                                            min_cluster_size (5),
-                                                           kmeans_niter (20)
+                                                           kmeans_niter (20), speaker_norm
+                                                           (auto)
 after_init          embeddings                             n_clusters (elbow), max_clusters
                                                            (10), kmeans_niter (20),
-                                                           kmeans_n_init (5)
+                                                           kmeans_n_init (5), speaker_norm
+                                                           (auto)
+alps                embeddings                             kmeans_niter (20), kmeans_n_init
+                                                           (3), speaker_norm (auto)
 after               probs or mc_probs, embeddings          uncertainty ("margin"),
-                                                           prefilter_factor (4)
+                                                           prefilter_factor (4), speaker_norm
+                                                           (auto), balance (false)
 ==================  =====================================  ===================================
+
+``speaker_norm``: None ("auto", the default) z-scores the embeddings per speaker before any
+distance when the pool carries speaker ids (``PoolView.speakers``), False never does, True
+requires the ids (``base.speaker_standardize``). No strategy reads a label: ``alps`` is ALPS
+without the label leakage of AFTER's code (see ``alps.py``).
 
 Names are matched case-insensitively and ``-`` is read as ``_`` (``cluster-margin`` works).
 """
@@ -36,6 +46,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from after_ray.al.strategies.alps import ALPSSampling
 from after_ray.al.strategies.badge import BadgeSampling
 from after_ray.al.strategies.bald import BALDSampling
 from after_ray.al.strategies.base import Strategy
@@ -54,6 +65,7 @@ from after_ray.errors import ConfigError
 
 __all__ = [
     "STRATEGIES",
+    "ALPSSampling",
     "AfterHybrid",
     "AfterInit",
     "BALDSampling",
@@ -83,6 +95,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         ClusterMarginSampling,
         TypiClustSampling,
         AfterInit,
+        ALPSSampling,
         AfterHybrid,
     )
 }

@@ -128,6 +128,97 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1.0).astype(np.float32)
 
 
+#: Floor of a speaker's per-dimension std in :func:`speaker_standardize`: a dimension that is
+#: constant over a speaker's utterances is centred (to 0), never divided by ~0.
+SPEAKER_STD_FLOOR = 1e-6
+# float64 scratch values per column block of speaker_standardize (bounds its extra memory at
+# about 4 x 8 MiB x 8 B whatever N and D are).
+_SPEAKER_BLOCK_ELEMENTS = 1 << 23
+
+
+def speaker_standardize(
+    embeddings: np.ndarray, speakers: np.ndarray, *, std_floor: float = SPEAKER_STD_FLOOR
+) -> np.ndarray:
+    """``[N, D]`` float32: every dimension z-scored over each speaker's rows.
+
+    Per speaker ``s`` and dimension ``j``: ``(x - mean_s[j]) / max(std_s[j], std_floor)`` with the
+    population std (ddof 0), so each speaker has mean 0 and std 1 in every dimension that varies.
+    A speaker with one row is only centred (it becomes the zero vector: there is no spread to
+    scale by). Rows whose speaker id is ``""`` (unknown) form one group together, so they end on
+    the same scale as the others instead of staying in raw units.
+
+    Why: in SER embeddings the speaker is the largest source of variance (voice, channel,
+    loudness), so raw distances, k-means and k-center cover *voices*; z-scoring per speaker is
+    the standard SER normalisation and leaves what varies inside a voice: its emotions. It reads
+    no label; done over the whole pool (labeled and unlabeled) it is a fixed map of the pool.
+    Idempotent up to the floor (also for features that were already speaker-normalised and then
+    re-scaled per dimension, as ``finetune.speaker_norm`` + the head's standardisation do).
+    Mean and variance are two-pass float64, in column blocks so the scratch stays small.
+    """
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise PoolError(f"speaker_standardize expects [N, D] embeddings, got shape {x.shape}")
+    spk = np.asarray(speakers).astype(str)
+    n, d = x.shape
+    if spk.shape != (n,):
+        raise PoolError(
+            f"speaker_standardize: {spk.shape[0] if spk.ndim else 0} speaker ids for {n} rows"
+        )
+    out = np.empty((n, d), dtype=np.float32)
+    if n == 0:
+        return out
+    _, group = np.unique(spk, return_inverse=True)
+    group = group.reshape(-1)
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group).astype(np.float64)
+    starts = np.concatenate(([0], np.cumsum(counts[:-1]).astype(np.int64)))
+    single = counts[:, None] < 2
+    step = max(1, _SPEAKER_BLOCK_ELEMENTS // n)
+    for lo in range(0, d, step):
+        block = np.asarray(x[:, lo : lo + step], dtype=np.float64)
+        mean = np.add.reduceat(block[order], starts, axis=0) / counts[:, None]
+        centred = block - mean[group]
+        var = np.add.reduceat(np.square(centred)[order], starts, axis=0) / counts[:, None]
+        scale = np.where(single, 1.0, np.maximum(np.sqrt(var), std_floor))
+        out[:, lo : lo + step] = centred / scale[group]
+    return out
+
+
+def check_speaker_norm(strategy: str, value: Any) -> bool | None:
+    """``speaker_norm``: None (on when the pool has speaker ids), False (off), True (required)."""
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(
+            f"parameter 'speaker_norm' of strategy {strategy!r} must be true, false or null "
+            f"(null: on when the pool has speaker ids), got {value!r}"
+        )
+    return value
+
+
+def distance_embeddings(pool: PoolView, speaker_norm: bool | None, strategy: str) -> np.ndarray:
+    """The embeddings a distance-based strategy measures: speaker-z-scored or as stored.
+
+    ``speaker_norm`` None: z-score per speaker (:func:`speaker_standardize`) when the pool has
+    speaker ids and at least one speaker has two or more rows (ids that are all distinct, e.g.
+    a corpus that fills the speaker with the utt_id, would map every row to zero and leave no
+    geometry at all). False: the stored embeddings. True: z-score, and a pool without speaker ids
+    is an error rather than a silent fall back to voice-dominated distances.
+    """
+    if speaker_norm is False:
+        return pool.embeddings
+    if pool.speakers is None:
+        if speaker_norm:
+            raise PoolError(
+                f"strategy {strategy!r} has speaker_norm=true, but the pool has no speaker ids "
+                "(PoolView.speakers is None: the manifest's speaker column is missing or empty). "
+                "Give the corpus speaker ids, or set speaker_norm to null (normalise when ids "
+                "exist) or false"
+            )
+        return pool.embeddings
+    if speaker_norm is None and np.unique(pool.speakers).shape[0] == len(pool):
+        return pool.embeddings
+    return speaker_standardize(pool.embeddings, pool.speakers)
+
+
 def cover_clusters(
     assignment: np.ndarray,
     labeled: np.ndarray,

@@ -25,6 +25,12 @@ a nearest point; no seed). Here:
    ``utt_id``) that is not picked yet, so there are no duplicates. Members are the items k-means
    assigned to the cluster, which keeps every cluster represented (AFTER searched the whole pool,
    so a point near two centroids could serve both).
+
+``speaker_norm`` (None: on when the pool has speaker ids; False: off; True: required): the
+embeddings are z-scored per speaker over the whole pool before step 1
+(:func:`~after_ray.al.strategies.base.speaker_standardize`). AFTER clustered x-vectors of a
+speaker-verification model, i.e. voices; on SER embeddings the speaker still dominates, and a
+simulation of this cold start without it drew 30 of 68 picks from the majority (neutral) class.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from after_ray.al.strategies.base import (
     Strategy,
     check_optional_positive_int,
     check_positive_int,
+    check_speaker_norm,
     cover_clusters,
+    distance_embeddings,
     l2_normalize,
 )
 
@@ -127,7 +135,9 @@ class AfterInit(Strategy):
         max_clusters: int = 10,
         kmeans_niter: int = 20,
         kmeans_n_init: int = 5,
+        speaker_norm: bool | None = None,
     ) -> None:
+        self.speaker_norm = check_speaker_norm(self.name, speaker_norm)
         self.n_clusters = check_optional_positive_int(self.name, "n_clusters", n_clusters)
         self.max_clusters = check_positive_int(self.name, "max_clusters", max_clusters)
         self.kmeans_niter = check_positive_int(self.name, "kmeans_niter", kmeans_niter)
@@ -139,11 +149,12 @@ class AfterInit(Strategy):
             "max_clusters": self.max_clusters,
             "kmeans_niter": self.kmeans_niter,
             "kmeans_n_init": self.kmeans_n_init,
+            "speaker_norm": self.speaker_norm,
         }
 
     def cluster(self, pool: PoolView, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(normalised embeddings, centroids [K, D], assignment [N])`` for this pool."""
-        x = l2_normalize(pool.embeddings)
+        x = l2_normalize(distance_embeddings(pool, self.speaker_norm, self.name))
         options = {"seed": seed, "niter": self.kmeans_niter, "n_init": self.kmeans_n_init}
         if self.n_clusters is None:
             n_clusters, _, runs = elbow_n_clusters(x, self.max_clusters, **options)

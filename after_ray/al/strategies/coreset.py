@@ -6,27 +6,38 @@ Centers are the labeled items; each pick is the unlabeled item farthest (squared
 (exact, lazy, FAISS 1-NN for the initial distances); its module docstring states the exact rule:
 ties go to the lowest row position, and with no labeled item the first pick is the unlabeled
 item closest to the unlabeled mean. Deterministic: ``seed`` is not used.
+
+``speaker_norm`` (None: on when the pool has speaker ids; False: off; True: required): the
+embeddings are first z-scored per speaker over the whole pool
+(:func:`~after_ray.al.strategies.base.speaker_standardize`). Without it the farthest points are
+the most unusual *voices*, and a cover of the pool is a cover of its speakers: on speaker-
+dominated embeddings most picks land in the majority class.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from after_ray.al.pool import PoolView
-from after_ray.al.strategies.base import Strategy
+from after_ray.al.strategies.base import Strategy, check_speaker_norm, distance_embeddings
 
 
 class CoresetSampling(Strategy):
-    """k-center greedy on the embeddings, from the labeled set."""
+    """k-center greedy on the (speaker-normalised) embeddings, from the labeled set."""
 
     name: ClassVar[str] = "coreset"
     requires = frozenset({"embeddings"})
 
+    def __init__(self, speaker_norm: bool | None = None) -> None:
+        self.speaker_norm = check_speaker_norm(self.name, speaker_norm)
+
+    def params(self) -> dict[str, Any]:
+        return {"speaker_norm": self.speaker_norm}
+
     def _select(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
         from after_ray.al.kcenter import kcenter_greedy
 
-        return kcenter_greedy(
-            pool.embeddings, pool.labeled_positions, k, candidates=~pool.labeled, seed=seed
-        )
+        x = distance_embeddings(pool, self.speaker_norm, self.name)
+        return kcenter_greedy(x, pool.labeled_positions, k, candidates=~pool.labeled, seed=seed)

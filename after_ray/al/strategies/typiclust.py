@@ -20,6 +20,11 @@ reference takes FAISS's squared L2), and typicality is computed once per cluster
 members instead of being recomputed without the items picked so far (density is a property of
 the data, not of what was labeled). The kNN is exact (float64, chunked; O(m^2 D) per cluster of
 size m, only for clusters that receive a pick).
+
+``speaker_norm`` (None: on when the pool has speaker ids; False: off; True: required): k-means
+and typicality are computed on the embeddings z-scored per speaker over the whole pool
+(:func:`~after_ray.al.strategies.base.speaker_standardize`), so clusters group emotions rather
+than voices and "typical" does not mean "the most common voice".
 """
 
 from __future__ import annotations
@@ -29,7 +34,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from after_ray.al.pool import PoolView
-from after_ray.al.strategies.base import Strategy, check_positive_int, cover_clusters
+from after_ray.al.strategies.base import (
+    Strategy,
+    check_positive_int,
+    check_speaker_norm,
+    cover_clusters,
+    distance_embeddings,
+)
 
 # Rows per chunk of the within-cluster distance matrix (chunk x cluster size float64 values).
 _CHUNK_ELEMENTS = 1 << 22
@@ -77,7 +88,9 @@ class TypiClustSampling(Strategy):
         knn: int = 20,
         min_cluster_size: int = 5,
         kmeans_niter: int = 20,
+        speaker_norm: bool | None = None,
     ) -> None:
+        self.speaker_norm = check_speaker_norm(self.name, speaker_norm)
         self.max_clusters = check_positive_int(self.name, "max_clusters", max_clusters)
         self.knn = check_positive_int(self.name, "knn", knn)
         self.min_cluster_size = check_positive_int(
@@ -91,33 +104,39 @@ class TypiClustSampling(Strategy):
             "knn": self.knn,
             "min_cluster_size": self.min_cluster_size,
             "kmeans_niter": self.kmeans_niter,
+            "speaker_norm": self.speaker_norm,
         }
 
     def n_clusters(self, pool: PoolView, k: int) -> int:
         n_labeled = len(pool) - pool.n_unlabeled
         return max(1, min(self.max_clusters, n_labeled + k, len(pool)))
 
-    def cluster(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
-        """``[N]`` cluster id of every row (k-means on the embeddings)."""
+    def cluster(self, pool: PoolView, k: int, seed: int, x: np.ndarray | None = None) -> np.ndarray:
+        """``[N]`` cluster id of every row (k-means on the embeddings, or on ``x``)."""
         from after_ray.al.clustering import kmeans
 
-        _, assignment = kmeans(
-            pool.embeddings, self.n_clusters(pool, k), seed=seed, niter=self.kmeans_niter
-        )
+        if x is None:
+            x = distance_embeddings(pool, self.speaker_norm, self.name)
+        _, assignment = kmeans(x, self.n_clusters(pool, k), seed=seed, niter=self.kmeans_niter)
         return np.asarray(assignment, dtype=np.int64)
 
     def _select(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
-        assignment = self.cluster(pool, k, seed)
-        return self.select_with_clusters(pool, assignment, k)
+        x = distance_embeddings(pool, self.speaker_norm, self.name)  # once for both steps
+        assignment = self.cluster(pool, k, seed, x)
+        return self.select_with_clusters(pool, assignment, k, x)
 
-    def select_with_clusters(self, pool: PoolView, assignment: np.ndarray, k: int) -> np.ndarray:
+    def select_with_clusters(
+        self, pool: PoolView, assignment: np.ndarray, k: int, x: np.ndarray | None = None
+    ) -> np.ndarray:
         """Steps 2-3 of the module docstring for a given ``[N]`` cluster assignment."""
         assignment = np.asarray(assignment, dtype=np.int64)
+        if x is None:
+            x = distance_embeddings(pool, self.speaker_norm, self.name)
 
         def most_typical_first(cluster: int, unlabeled_members: np.ndarray) -> np.ndarray:
             members = np.flatnonzero(assignment == cluster)
             n_neighbors = typiclust_neighbors(members.shape[0], self.knn)
-            spread = mean_knn_distance(pool.embeddings[members], n_neighbors)
+            spread = mean_knn_distance(x[members], n_neighbors)
             keep = ~pool.labeled[members]
             members, spread = members[keep], spread[keep]
             return members[np.lexsort((pool.utt_ids[members], spread))]
