@@ -144,6 +144,31 @@ def test_spec_file_cli_axes_and_trial_names(tmp_path):
         sweep_spec_from_cli(None, ["run.seed=0"], max_concurrent_trials=0)
 
 
+def test_trials_get_the_drivers_paths_not_their_trial_directories(tmp_path, monkeypatch):
+    """Tune starts trials in their own directories: relative paths are pinned in the driver,
+    so a trial reads the corpus (and probe cache) the shared stages built, not a new one."""
+    from after_ray.distributed.sweep import SweepSpec, plan_trials
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    base = config_from_dict(
+        {
+            "run": {"output_dir": "runs", "storage_path": "ray_store"},
+            "corpus": {"name": "synth", "root": "data/synth"},
+            "backbone": {"name_or_path": "ckpt"},
+        }
+    )
+    preset = config_from_dict({"corpus": {"name": "synth"}})
+    spec = SweepSpec(axes={"run.seed": [0]})
+    (plan,) = plan_trials(base, spec, name="s", local_training=True)
+    assert plan.config.corpus.root == str(tmp_path / "data" / "synth")
+    assert plan.config.backbone.name_or_path == str(tmp_path / "ckpt")
+    assert plan.config.run.storage_path == str(tmp_path / "ray_store")
+    (default,) = plan_trials(preset, spec, name="s", local_training=True)
+    assert default.config.corpus.root == str(tmp_path / "data" / "synth")  # the synth default
+    assert default.config.backbone.name_or_path == "tiny"  # a preset name is not a path
+
+
 def test_combination_errors_name_the_trial_and_a_human_oracle_is_refused(tmp_path):
     from after_ray.distributed.sweep import SweepSpec, plan_trials, validate_axes
 

@@ -404,6 +404,30 @@ def _check_oracle(config: Config) -> None:
         )
 
 
+def _pin_relative_paths(config: Config) -> None:
+    """Make the config's relative paths absolute, against the driver's working directory.
+
+    Tune starts each trial in its own trial directory (``RAY_CHDIR_TO_TRIAL_DIR``), where a
+    relative ``corpus.root: data/synth`` would name a different, empty directory: the trial
+    would build (synth) or miss the corpus, miss the probe cache the shared stages filled and
+    probe every file again, on Ray Data tasks that cannot start while the trials hold every CPU.
+    """
+    corpus = config.corpus
+    if corpus.name != "merged":
+        corpus.root = str(corpus.resolved_root().expanduser().resolve())
+    for part in corpus.parts:
+        if part.root:
+            part.root = str(Path(part.root).expanduser().resolve())
+    from after_ray.models.backbones import is_preset
+
+    local_backbone = Path(config.backbone.name_or_path).expanduser()
+    if not is_preset(config.backbone.name_or_path) and local_backbone.is_dir():
+        config.backbone.name_or_path = str(local_backbone.resolve())
+    storage = config.run.storage_path
+    if storage and "://" not in storage:
+        config.run.storage_path = str(Path(storage).expanduser().resolve())
+
+
 def _check_trial_config(config: Config) -> None:
     """What a config alone does not check but a trial would fail on, hours in."""
     from after_ray.al.strategies import get_strategy
@@ -510,6 +534,7 @@ def plan_trials(
             texts.append("ray.num_workers=0")
         try:
             config = config_from_dict(apply_overrides(base.to_dict(), texts))
+            _pin_relative_paths(config)
             _check_trial_config(config)
         except ConfigError as exc:
             raise ConfigError(f"sweep trial {trial_name!r}: {_problems_text(exc)}") from None
