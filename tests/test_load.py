@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from after_ray.al.state import LABELS_FILE, RunState, check_run_dir
-from after_ray.al.strategies.hybrid import prefilter_size
 from after_ray.al.strategies import get_strategy
+from after_ray.al.strategies.hybrid import prefilter_size
 from after_ray.bench_load import run_load_benchmark
 from after_ray.score_cache import read_scores
 
