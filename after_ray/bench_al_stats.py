@@ -409,7 +409,7 @@ def markdown(summary: BenchSummary) -> str:
     lines += ["", "## Definitions", ""]
     doc = (__doc__ or "").split("Definitions (also written into the Markdown):", 1)[-1]
     items = [" ".join(item.split()) for item in doc.split("\n* ") if item.strip()]
-    lines += [f"- {item.lstrip('* ')}" for item in items]
+    lines += [f"- {item.removeprefix('* ')}" for item in items]
     if summary.notes or summary.skipped:
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in summary.notes]

@@ -373,7 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse binds KEY=VALUE overrides only before the options of a command with another
+    # positional (``bench al KEY=VALUE --arms ...``); overrides after them are still overrides.
+    strays = [a for a in extra if a.startswith("-") or "=" not in a]
+    if strays or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -140,3 +140,4 @@ def test_report_files_hold_the_summary_numbers(bench_dirs, tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| good |"))
     assert f"{summary.arms[1].aulc.mean:.2f}" in row and "4/0/1" in row
     assert "Full-data UA (the reference, 5 seeds): 66.0" in text
+    assert "- **AULC** of a run:" in text and "- **Verdict**:" in text  # bold survives

@@ -79,3 +79,21 @@ def test_bench_size_options_default_per_benchmark(monkeypatch, what, module, fun
     assert [(c["n"], c["d"], c["k"]) for c in calls] == [expected]
     assert main(["bench", what, "--n", "5000", "--d", "16", "--k", "7"]) == 0
     assert (calls[-1]["n"], calls[-1]["d"], calls[-1]["k"]) == (5000, 16, 7)
+
+
+def test_bench_al_takes_overrides_before_or_after_its_options(monkeypatch, tmp_path, capsys):
+    """argparse alone binds KEY=VALUE only before ``--arms``; both orders must reach the config."""
+    import after_ray.bench_al
+
+    calls = []
+    monkeypatch.setattr(
+        after_ray.bench_al, "run_al_benchmark", lambda config, **kw: calls.append((config, kw))
+    )
+    before = ["bench", "al", "al.cold_start=random", "--arms", "after,random", "--n-seeds", "2"]
+    after = ["bench", "al", "--arms", "after,random", "al.cold_start=random", "finetune.lr=0.5"]
+    assert main(before) == 0 and main(after) == 0
+    assert [c.al.cold_start for c, _ in calls] == ["random", "random"]
+    assert calls[1][0].finetune.lr == 0.5 and calls[0][1]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit):
+        main(["bench", "al", "--arms", "after,random", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
