@@ -37,6 +37,8 @@ from after_ray.metrics import classification_report
 log = logging.getLogger(__name__)
 
 RUN_INFO = "run_info.json"
+# The TAPT loss of every step, written beside the TAPT model in its cache directory.
+TAPT_LOSSES_FILE = "tapt_losses.json"
 
 
 @dataclass
@@ -144,6 +146,8 @@ def stage_tapt(config: Config, state: RunState, pool_rows: list[dict]) -> str:
                 out_dir=out_dir,
             )
         losses = summary.get("loss_history") or []
+        # Beside the model, so two runs can be compared step by step (the reproducibility check).
+        atomic_write_json(out_dir / TAPT_LOSSES_FILE, {"loss_history": losses}, what="TAPT losses")
         if losses:
             head, tail = np.mean(losses[:10]), np.mean(losses[-10:])
             print(f"tapt: loss {head:.3f} -> {tail:.3f}", flush=True)

@@ -1062,8 +1062,8 @@ def test_alps_covers_the_blobs_of_a_cold_start():
     assert sorted(blob[positions_of(pool, picked)].tolist()) == [0, 1, 2, 3]
 
 
-def test_default_cold_start_is_coreset():
+def test_default_cold_start_is_random():
     from after_ray.config import ALConfig
 
-    assert ALConfig().cold_start == "coreset"
+    assert ALConfig().cold_start == "random"
     assert ALConfig().strategy == "after"
