@@ -414,7 +414,7 @@ def _pin_relative_paths(config: Config) -> None:
     """
     corpus = config.corpus
     if corpus.name != "merged":
-        corpus.root = str(corpus.resolved_root().expanduser().resolve())
+        corpus.root = str(corpus.resolved_root().resolve())
     for part in corpus.parts:
         if part.root:
             part.root = str(Path(part.root).expanduser().resolve())
