@@ -297,3 +297,44 @@ def test_disk_full_at_a_training_checkpoint_is_a_clear_error_and_the_run_resumes
     monkeypatch.setattr(tapt_module, "save_tapt_state", real_save)
     summary = run_tapt(**common)
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
+
+
+def test_streamed_batches_come_in_the_in_memory_order_with_the_same_crops(
+    ray_session, small_corpus, monkeypatch
+):
+    """The streamed path (TAPT and fine-tuning above ``ray.in_memory_audio_max_hours``) gives the
+    batches of the in-memory path, in order: decode tasks that finish out of order must not
+    reorder them (they did, and two TAPT runs of one seed parted at step 36 on the demo)."""
+    from after_ray.distributed import audio_data
+    from after_ray.distributed.worker_audio import InMemoryAudio, StreamedAudio
+
+    config = load_config(None, ["audio.train_crop_s=0.5"])
+    # Many small decode tasks of uneven duration, so that some finish before earlier ones (a
+    # closure: Ray pickles it by value, the workers run it).
+    monkeypatch.setattr(audio_data, "TRAIN_ROWS_PER_TASK", 2)
+    decode = audio_data.decode_batch
+
+    def uneven_decode(batch, **kwargs):
+        import time
+        import zlib
+
+        time.sleep((zlib.crc32(str(batch["utt_id"][0]).encode()) % 5) * 0.02)
+        return decode(batch, **kwargs)
+
+    monkeypatch.setattr(audio_data, "decode_batch", uneven_decode)
+    streamed = StreamedAudio(small_corpus, config.audio)
+    in_memory = InMemoryAudio(small_corpus, config.audio)
+
+    def ids_and_values(source, epoch: int) -> tuple[list[str], list[np.ndarray]]:
+        ids, values = [], []
+        for batch in source.train_batches(seed=11, epoch=epoch, batch_size=4):
+            ids += [str(u) for u in batch["utt_id"]]
+            values.append(np.asarray(batch["input_values"]))
+        return ids, values
+
+    for epoch in (0, 1):
+        expected_ids, expected_values = ids_and_values(in_memory, epoch)
+        got_ids, got_values = ids_and_values(streamed, epoch)
+        assert got_ids == expected_ids
+        for got, expected in zip(got_values, expected_values, strict=True):
+            np.testing.assert_allclose(got, expected, atol=1e-6)

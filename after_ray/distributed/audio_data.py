@@ -337,6 +337,19 @@ def audio_dataset(
     )
 
 
+def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """``ds``, set to yield its rows in the order of its input (reproducible batches).
+
+    A Dataset copies the global ``DataContext`` when it is created, so the setting must go on
+    the dataset's own copy (``ds.context``): setting ``preserve_order`` on the global context
+    after ``ds`` exists -- what this package once did -- changes nothing, and TAPT's batches
+    came in whichever order the decode tasks finished (two runs of one seed parted at step 36).
+    """
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    return ds
+
+
 def _needed_columns(available: list[str], label_to_index: Mapping[str, int] | None) -> list[str]:
     missing = [c for c in ("utt_id", "path") if c not in available]
     if missing:

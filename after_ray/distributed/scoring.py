@@ -12,7 +12,6 @@ same model) is read from the cache.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -103,10 +102,9 @@ def cache_key(model_dir: str | os.PathLike, mc_samples: int, seed: int, audio: A
 
 def _score_on_actor_pool(rows, model_dir, audio: AudioConfig, ray_cfg, mc_samples: int, seed: int):
     """The scored chunks, as lists of batch arrays, from a Ray Data actor pool."""
-    import ray.data
     from ray.data import ActorPoolStrategy
 
-    from after_ray.distributed.audio_data import audio_dataset
+    from after_ray.distributed.audio_data import audio_dataset, in_order
 
     ds = audio_dataset(
         [{"utt_id": r["utt_id"], "path": r["path"]} for r in rows], audio, mode="score"
@@ -136,17 +134,13 @@ def _score_on_actor_pool(rows, model_dir, audio: AudioConfig, ray_cfg, mc_sample
         # the actors (a sweep deadlocks; see sweep.trial_peak). tests/test_worker_failures.py
         # checks both: the fused plan, and a killed actor's batches retried.
     )
-    ctx = ray.data.DataContext.get_current()
-    saved = copy.deepcopy(ctx.execution_options)
-    ctx.execution_options.preserve_order = True  # the same batches on every run: reproducible MC
-    try:
-        # Whole batch arrays, concatenated once: no per-row Python objects for a big pool.
-        parts: dict[str, list] = {k: [] for k in ("utt_id", "length", *ARRAY_KEYS, "mc_shape")}
-        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-            for key in parts:
-                parts[key].append(np.asarray(batch[key]))
-    finally:
-        ctx.execution_options = saved
+    # The same batches on every run: reproducible MC-dropout draws.
+    in_order(scored)
+    # Whole batch arrays, concatenated once: no per-row Python objects for a big pool.
+    parts: dict[str, list] = {k: [] for k in ("utt_id", "length", *ARRAY_KEYS, "mc_shape")}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        for key in parts:
+            parts[key].append(np.asarray(batch[key]))
     return parts
 
 

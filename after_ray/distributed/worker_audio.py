@@ -13,7 +13,6 @@ per-epoch random crops in process. ``worker_audio`` picks it when the rows hold 
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -33,7 +32,7 @@ from after_ray.audio import (
     row_rng,
     to_mono,
 )
-from after_ray.distributed.audio_data import PadCollate, audio_dataset, label_targets
+from after_ray.distributed.audio_data import PadCollate, audio_dataset, in_order, label_targets
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +44,7 @@ class StreamedAudio:
         self.label_to_index = label_to_index
 
     def _iterate(self, ds, batch_size: int) -> Iterator[dict]:
-        import ray.data
-
-        ctx = ray.data.DataContext.get_current()
-        saved = copy.deepcopy(ctx.execution_options)
-        ctx.execution_options.preserve_order = True  # reproducible batches
-        ctx.enable_progress_bars = False
-        try:
-            yield from ds.iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate())
-        finally:
-            ctx.execution_options = saved
+        return in_order(ds).iter_torch_batches(batch_size=batch_size, collate_fn=PadCollate())
 
     def train_batches(self, *, seed: int, epoch: int, batch_size: int) -> Iterator[dict]:
         ds = audio_dataset(

@@ -80,7 +80,13 @@ def wav2vec2_pretraining_loss(
     negative_rows = negatives.to(device)[mask]  # [M, K] indices into B*T
     flat_targets = quantized.reshape(-1, dim).float()
     positives = quantized[mask].float()  # [M, D]
-    distractors = flat_targets[negative_rows]  # [M, K, D]
+    # index_select, not flat_targets[negative_rows]: the backward of advanced indexing on CPU
+    # (index_put_ with accumulate) adds repeated rows with atomics across threads, so two
+    # processes drift apart in the last bits after a few steps; index_select's backward
+    # (index_add_) adds in a fixed order at the same speed.
+    distractors = flat_targets.index_select(0, negative_rows.reshape(-1)).view(
+        *negative_rows.shape, dim
+    )  # [M, K, D]
     candidates = torch.cat([positives[:, None, :], distractors], dim=1)  # [M, 1+K, D]
     logits = F.cosine_similarity(predicted[mask].float()[:, None, :], candidates, dim=-1)
     logits = logits / core.config.contrastive_logits_temperature
