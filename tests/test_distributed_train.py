@@ -112,9 +112,12 @@ def test_tapt_killed_after_first_checkpoint_resumes_to_the_same_weights(
     ray_session, small_corpus, tmp_path
 ):
     # num_workers=0: the loop runs in the driver, so the failpoint kills the whole run (a lost
-    # driver or machine), not just a worker that Ray Train would restart.
-    overrides = [*TAPT_OVERRIDES, "tapt.steps=6", "ray.num_workers=0"]
-    config = tapt_config(6, "ray.num_workers=0")
+    # driver or machine), not just a worker that Ray Train would restart. 300 steps, killed at
+    # step 100 in another process: long enough that float drift between processes, which once
+    # parted two runs within 150 steps, would show in the weights.
+    extra = ["ray.num_workers=0", "tapt.checkpoint_every=100"]
+    overrides = [*TAPT_OVERRIDES, "tapt.steps=300", *extra]
+    config = tapt_config(300, *extra)
     rows = small_corpus[:24]
     common = dict(
         rows=rows,
@@ -158,7 +161,7 @@ def test_tapt_killed_after_first_checkpoint_resumes_to_the_same_weights(
     summary = run_tapt(
         **common, storage_path=tmp_path / "ray-b", name="t", out_dir=tmp_path / "resumed"
     )
-    assert summary["steps"] == 6
+    assert summary["steps"] == 300 and summary["resumed_from_step"] == 100
     assert_same_weights(weights(tmp_path / "uninterrupted"), weights(tmp_path / "resumed"))
 
 
