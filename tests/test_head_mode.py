@@ -222,3 +222,49 @@ def test_speaker_standardise_gives_each_speaker_mean_0_std_1_and_leaves_the_rest
         np.testing.assert_allclose(out[rows], (block - block.mean(0)) / block.std(0), atol=1e-5)
     np.testing.assert_array_equal(out[11], [0, 0, 0, 0])  # one utterance: centred only
     np.testing.assert_array_equal(out[12], x[12])  # no speaker: untouched
+
+
+def test_the_kept_round_model_scores_like_its_checkpoint_reloaded(tmp_path, monkeypatch):
+    """A round's scoring applies the model kept in memory after training (no reload: it was a
+    sixth of the demo's AL loop); a FeatureSpace without it (a resumed run) loads the checkpoint
+    and must give the same outputs to the bit, MC-dropout samples included."""
+    from tiny_run import tiny_config
+
+    import after_ray.models.classifier_io as classifier_io
+    from after_ray.config import config_from_dict
+    from after_ray.head_rounds import FeatureSpace, train_round_head
+    from after_ray.score_cache import PoolScores
+
+    config = config_from_dict(
+        tiny_config(tmp_path, tmp_path, finetune={"mode": "head", "pooling": "layer_stats"})
+    )
+    classes = ["angry", "happy", "neutral", "sad"]
+    n, dim = 48, _model().classifier.in_features
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % len(classes)
+    raw = rng.normal(size=(n, dim)).astype(np.float32)
+    raw += rng.normal(size=(len(classes), dim)).astype(np.float32)[labels]  # class means
+    ids = np.asarray([f"u{i:03d}" for i in range(n)], dtype=object)
+    scores = PoolScores(ids, np.zeros((n, 4), np.float32), raw, raw,
+                        np.zeros((n, 0, 4), np.float32))  # fmt: skip
+    shift, scale = raw.mean(0), raw.std(0)
+
+    def space() -> FeatureSpace:
+        return FeatureSpace(scores=scores, shift=shift, scale=scale, model_dir=tmp_path / "f")
+
+    rows = [{"utt_id": u, "label": classes[y]} for u, y in zip(ids, labels, strict=True)]
+    out_dir = tmp_path / "round_000" / "model"
+    kept = space()
+    train_round_head(config, kept, backbone_dir="tiny", train_rows=rows[:32],
+                     val_rows=rows[32:], class_names=classes, seed=3, out_dir=out_dir)  # fmt: skip
+    loads = []
+    real_load = classifier_io.load_classifier
+    monkeypatch.setattr(classifier_io, "load_classifier", lambda d: loads.append(d) or real_load(d))
+    in_memory = kept.score(out_dir, list(ids), mc_samples=3, seed=1)
+    assert loads == []  # the kept model, not the checkpoint
+    reloaded = space().score(out_dir, list(ids), mc_samples=3, seed=1)
+    assert len(loads) == 1
+    for key in ("probs", "embedding", "penultimate", "mc_probs"):
+        np.testing.assert_array_equal(getattr(in_memory, key), getattr(reloaded, key))
+    # the head learned the signal (the model scored is a trained one, not the seeded start)
+    assert (in_memory.probs[32:].argmax(1) == labels[32:]).mean() >= 0.75

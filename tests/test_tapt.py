@@ -359,6 +359,8 @@ def test_two_processes_give_the_same_loss_at_every_step_and_the_same_weights(tmp
         assert run.wait(timeout=280) == 0
     first, second = (json.loads(out.read_text()) for out in outputs)
     assert len(first["losses"]) == steps
-    differing = [i for i, (a, b) in enumerate(zip(first["losses"], second["losses"], strict=True)) if a != b]
+    differing = [
+        i for i, (a, b) in enumerate(zip(first["losses"], second["losses"], strict=True)) if a != b
+    ]
     assert differing == [], f"the losses part at step {differing[:1]}"
     assert first["weights"] == second["weights"]
