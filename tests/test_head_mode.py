@@ -245,8 +245,8 @@ def test_the_kept_round_model_scores_like_its_checkpoint_reloaded(tmp_path, monk
     raw = rng.normal(size=(n, dim)).astype(np.float32)
     raw += rng.normal(size=(len(classes), dim)).astype(np.float32)[labels]  # class means
     ids = np.asarray([f"u{i:03d}" for i in range(n)], dtype=object)
-    scores = PoolScores(ids, np.zeros((n, 4), np.float32), raw, raw,
-                        np.zeros((n, 0, 4), np.float32))  # fmt: skip
+    scores = PoolScores(ids, np.zeros((n, len(classes)), np.float32), raw, raw,
+                        np.zeros((n, 0, len(classes)), np.float32))  # fmt: skip
     shift, scale = raw.mean(0), raw.std(0)
 
     def space() -> FeatureSpace:
