@@ -20,7 +20,7 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _load(args: argparse.Namespace):
-    from after_ray.config import load_config
+    from after_ray.config.sections import load_config
 
     path = args.config
     if path is None and getattr(args, "default_demo", False) and DEMO_CONFIG.is_file():
@@ -39,7 +39,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from after_ray.prepare import prepare
+    from after_ray.pipeline.prepare import prepare
 
     config = _load(args)
     result = prepare(config)
@@ -50,14 +50,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from after_ray.demo import run_demo
+    from after_ray.experiments.demo import run_demo
 
     run_demo(_load(args))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from after_ray.runner import run_active_learning
+    from after_ray.pipeline.runner import run_active_learning
 
     outcome = run_active_learning(_load(args))
     if outcome.waiting_for_labels is not None:
@@ -68,14 +68,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tapt(args: argparse.Namespace) -> int:
-    from after_ray.runner import run_tapt_only
+    from after_ray.pipeline.runner import run_tapt_only
 
     print(f"TAPT backbone: {run_tapt_only(_load(args))}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from after_ray.runner import run_full_data
+    from after_ray.pipeline.runner import run_full_data
 
     outcome = run_full_data(_load(args))
     print(f"full-data fine-tune finished: {outcome.run_dir}")
@@ -83,7 +83,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from after_ray.runner import score_with_model
+    from after_ray.pipeline.runner import score_with_model
 
     path = score_with_model(_load(args), args.model, split=args.split)
     print(f"scores: {path}")
@@ -91,7 +91,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from after_ray.human import export_pending, import_answers
+    from after_ray.pipeline.human import export_pending, import_answers
 
     if args.action == "export":
         for path in export_pending(Path(args.run_dir), round_index=args.round):
@@ -107,7 +107,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from after_ray.al.state import check_run_dir
+    from after_ray.store.run_state import check_run_dir
 
     problems = check_run_dir(Path(args.run_dir))
     if not problems:
@@ -119,7 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from after_ray.report import discover_run_dirs, write_report
+    from after_ray.report.report import discover_run_dirs, write_report
 
     run_dirs = discover_run_dirs([Path(d) for d in args.run_dirs])
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report"
@@ -132,7 +132,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A Ray Tune grid of AL runs (strategies x seeds x any config key), then its report."""
-    from after_ray.distributed.sweep import default_sweep_name, run_sweep, sweep_spec_from_cli
+    from after_ray.experiments.sweep import default_sweep_name, run_sweep, sweep_spec_from_cli
 
     config = _load(args)
     spec = sweep_spec_from_cli(
@@ -154,7 +154,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from after_ray.runner import export_round_model
+    from after_ray.pipeline.runner import export_round_model
 
     path = export_round_model(Path(args.run_dir), args.out, round_index=args.round)
     print(f"Hugging Face audio-classification model: {path}")
@@ -163,12 +163,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "audio":
-        from after_ray.bench_audio import run_audio_benchmark
+        from after_ray.bench.audio import run_audio_benchmark
 
         run_audio_benchmark(n_files=args.n_files, seconds=args.seconds)
         return 0
     if args.what == "select":
-        from after_ray.bench_select import run_select_benchmark
+        from after_ray.bench.select import run_select_benchmark
 
         run_select_benchmark(
             n=_or(args.n, 1_000_000),
@@ -181,7 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     if args.what == "load":
-        from after_ray.bench_load import run_load_benchmark
+        from after_ray.bench.load import run_load_benchmark
 
         try:
             run_load_benchmark(
@@ -197,14 +197,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise AfterRayError(f"bench load: {exc}") from None
         return 0
     if args.what == "finetune":
-        from after_ray.bench_finetune import run_finetune_benchmark
+        from after_ray.bench.finetune import run_finetune_benchmark
 
         run_finetune_benchmark(
             _load(args), utterances=args.utterances, presets=tuple(args.backbones.split(","))
         )
         return 0
     if args.what == "al":
-        from after_ray.bench_al import run_al_benchmark
+        from after_ray.bench.al import run_al_benchmark
 
         run_al_benchmark(
             _load(args),

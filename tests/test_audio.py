@@ -13,8 +13,8 @@ import pyarrow.csv as pacsv
 import pytest
 import soundfile as sf
 
-from after_ray import audio
-from after_ray.audio import (
+from after_ray.data import audio
+from after_ray.data.audio import (
     AudioConfig,
     AudioProblem,
     check_quality,
@@ -29,7 +29,7 @@ from after_ray.audio import (
     row_rng,
     to_mono,
 )
-from after_ray.quarantine import (
+from after_ray.data.quarantine import (
     QUARANTINE_COLUMNS,
     csv_twin,
     read_quarantine,

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from after_ray.audio import AudioConfig
-from after_ray.bench_audio import run_audio_benchmark
+from after_ray.bench.audio import run_audio_benchmark
+from after_ray.data.audio import AudioConfig
 from after_ray.distributed.audio_data import (
     PadCollate,
     audio_dataset,

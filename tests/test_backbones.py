@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import HubertModel, Wav2Vec2ForPreTraining, Wav2Vec2Model, WavLMModel
 
+from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.errors import ConfigError
 from after_ray.models.backbones import (
     PRESET_MARKER,
@@ -20,7 +21,6 @@ from after_ray.models.backbones import (
     preset_parameter_count,
     save_backbone,
 )
-from after_ray.models.settings import BackboneConfig, TaptConfig
 
 TINY_PRESETS = {
     "tiny": (Wav2Vec2ForPreTraining, Wav2Vec2Model),

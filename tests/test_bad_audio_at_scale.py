@@ -38,13 +38,13 @@ import pytest
 import soundfile as sf
 import yaml
 
-from after_ray.al.state import RunState
-from after_ray.audio import REASONS, AudioConfig
-from after_ray.config import load_config
+from after_ray.config.sections import load_config
+from after_ray.data.audio import REASONS, AudioConfig
+from after_ray.data.quarantine import csv_twin, quarantine_lost_files, write_quarantine
 from after_ray.distributed.audio_data import audio_dataset, probe_audio
 from after_ray.distributed.worker_audio import InMemoryAudio, StreamedAudio
-from after_ray.quarantine import csv_twin, quarantine_lost_files, write_quarantine
-from after_ray.runner import run_active_learning
+from after_ray.pipeline.runner import run_active_learning
+from after_ray.store.run_state import RunState
 
 pytestmark = [pytest.mark.ray]
 
@@ -387,7 +387,7 @@ def test_the_locked_file_is_unreadable_for_a_user_without_privileges(corpus):
         pytest.skip("not root: the pipeline run itself sees the locked file as unreadable")
     code = (
         "import json, os, sys\n"
-        "from after_ray.audio import AudioConfig, probe_file\n"
+        "from after_ray.data.audio import AudioConfig, probe_file\n"
         f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})\n"
         "out = {p: probe_file(p, AudioConfig()).detail for p in sys.argv[1:]}\n"
         "out['uid'] = os.geteuid()\n"
@@ -493,7 +493,7 @@ def small_corpus(root: Path, n: int = 48) -> Path:
 
 @pytest.mark.slow
 def test_a_run_goes_on_when_pool_files_break_after_prepare(ray_session, tmp_path, monkeypatch):
-    from after_ray import runner
+    from after_ray.pipeline import runner
 
     root = small_corpus(tmp_path / "small")
     config = load_config(config_file(tmp_path, root))

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from after_ray.al.badge_fast import (
+from after_ray.al.kernels.badge import (
     BadgeStats,
     badge_kmeanspp,
     badge_kmeanspp_explicit,

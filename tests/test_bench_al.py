@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from after_ray.config import config_from_dict
+from after_ray.config.sections import config_from_dict
 from after_ray.errors import ConfigError
 
 
@@ -22,8 +22,8 @@ def _base(tmp_path, **al):
 
 
 def test_arms_vary_together_and_every_seed_gets_a_full_data_reference(tmp_path):
-    from after_ray.bench_al import bench_arms
-    from after_ray.distributed.sweep import SweepSpec, plan_trials
+    from after_ray.bench.al import bench_arms
+    from after_ray.experiments.sweep import SweepSpec, plan_trials
 
     base = _base(tmp_path, strategy_params={"prefilter_factor": 3.0})
     spec = SweepSpec(
@@ -54,7 +54,7 @@ def test_arms_vary_together_and_every_seed_gets_a_full_data_reference(tmp_path):
 
 
 def test_bench_arms_refuse_unknown_strategies_and_a_missing_baseline(tmp_path):
-    from after_ray.bench_al import bench_arms
+    from after_ray.bench.al import bench_arms
 
     base = _base(tmp_path)
     with pytest.raises(ConfigError, match="unknown strategies.*'entorpy'"):
@@ -64,7 +64,7 @@ def test_bench_arms_refuse_unknown_strategies_and_a_missing_baseline(tmp_path):
 
 
 def test_compare_outcomes_finds_every_changed_metric_and_selection():
-    from after_ray.report import compare_outcomes
+    from after_ray.report.report import compare_outcomes
 
     report = {
         "runs": [

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from after_ray.bench_al_stats import (
+from after_ray.bench.al_stats import (
     BENCH_JSON,
     BENCH_MD,
     BENCH_PNG,

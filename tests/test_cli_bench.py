@@ -64,8 +64,8 @@ def test_bench_load_with_sizes_that_cannot_work_exits_2_with_a_message(capsys):
 @pytest.mark.parametrize(
     ("what", "module", "function", "expected"),
     [
-        ("load", "after_ray.bench_load", "run_load_benchmark", (200_000, 128, 2000)),
-        ("select", "after_ray.bench_select", "run_select_benchmark", (1_000_000, 768, 10_000)),
+        ("load", "after_ray.bench.load", "run_load_benchmark", (200_000, 128, 2000)),
+        ("select", "after_ray.bench.select", "run_select_benchmark", (1_000_000, 768, 10_000)),
     ],
 )
 def test_bench_size_options_default_per_benchmark(monkeypatch, what, module, function, expected):
@@ -83,11 +83,11 @@ def test_bench_size_options_default_per_benchmark(monkeypatch, what, module, fun
 
 def test_bench_al_takes_overrides_before_or_after_its_options(monkeypatch, tmp_path, capsys):
     """argparse alone binds KEY=VALUE only before ``--arms``; both orders must reach the config."""
-    import after_ray.bench_al
+    import after_ray.bench.al
 
     calls = []
     monkeypatch.setattr(
-        after_ray.bench_al, "run_al_benchmark", lambda config, **kw: calls.append((config, kw))
+        after_ray.bench.al, "run_al_benchmark", lambda config, **kw: calls.append((config, kw))
     )
     before = ["bench", "al", "al.cold_start=random", "--arms", "after,random", "--n-seeds", "2"]
     after = ["bench", "al", "--arms", "after,random", "al.cold_start=random", "finetune.lr=0.5"]

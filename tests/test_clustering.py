@@ -9,8 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from after_ray.al.clustering import closest_to_centroids, cluster_assign, kmeans, reduce_dims
-from after_ray.al.embedding_store import (
+from after_ray.al.kernels.clustering import (
+    closest_to_centroids,
+    cluster_assign,
+    kmeans,
+    reduce_dims,
+)
+from after_ray.store.embedding_store import (
     EmbeddingStoreError,
     read_embeddings,
     write_embedding_shards,

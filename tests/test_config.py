@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from after_ray.cli import main
-from after_ray.config import Config, load_config
+from after_ray.config.sections import Config, load_config
 from after_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

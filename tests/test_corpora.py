@@ -9,16 +9,16 @@ import corpus_fixtures as fx
 import pytest
 import soundfile as sf
 
-from after_ray.corpora import LOADERS, load_corpus
-from after_ray.corpora.iemocap import parse_emo_evaluation
-from after_ray.corpora.labels import (
+from after_ray.data.corpora import LOADERS, load_corpus
+from after_ray.data.corpora.iemocap import parse_emo_evaluation
+from after_ray.data.corpora.labels import (
     CANONICAL,
     FOUR_CLASS,
     apply_label_map,
     canonical,
     resolve_label_map,
 )
-from after_ray.corpora.merge import class_counts, format_class_counts, merge_corpora
+from after_ray.data.corpora.merge import class_counts, format_class_counts, merge_corpora
 from after_ray.errors import ConfigError, CorpusError
 
 ROW_KEYS = {"utt_id", "path", "label", "votes", "speaker", "session", "gender", "corpus", "split"}
@@ -99,7 +99,7 @@ def test_iemocap_rows_labels_votes_speakers(iemocap_root):
 
 
 def test_iemocap_skips_decoys_missing_wavs_and_no_agreement_with_counts(iemocap_root, caplog):
-    with caplog.at_level(logging.INFO, logger="after_ray.corpora"):
+    with caplog.at_level(logging.INFO, logger="after_ray.data.corpora"):
         rows = load_corpus("iemocap", iemocap_root)
     ids = " ".join(r["utt_id"] for r in rows)
     assert "F099" not in ids  # only in Categorical/, Attribute/, Self-evaluation/ and ._ decoys
@@ -268,7 +268,7 @@ def test_emodb_missing_root(tmp_path):
 @pytest.mark.parametrize("old_names", [False, True])
 def test_msp_podcast_labels_splits_speakers(tmp_path, caplog, old_names):
     root = fx.build_msp_podcast(tmp_path, old_names=old_names)
-    with caplog.at_level(logging.INFO, logger="after_ray.corpora"):
+    with caplog.at_level(logging.INFO, logger="after_ray.data.corpora"):
         rows = load_corpus("msp_podcast", root)
     check_contract(rows, "msp_podcast")
     got = {Path(r["path"]).stem: r for r in rows}

@@ -17,9 +17,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from after_ray import faults
-from after_ray.config import load_config
-from after_ray.corpora import load_corpus
-from after_ray.corpora.synth import synthesize_corpus
+from after_ray.config.sections import load_config
+from after_ray.data.corpora import load_corpus
+from after_ray.data.corpora.synth import synthesize_corpus
 from after_ray.distributed.train import run_finetune, run_tapt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_tapt_killed_after_first_checkpoint_resumes_to_the_same_weights(
         }
     )
     script = (
-        "import json, sys; from after_ray.config import load_config; "
+        "import json, sys; from after_ray.config.sections import load_config; "
         "from after_ray.distributed.train import run_tapt; a = json.loads(sys.argv[1]); "
         "c = load_config(None, a['overrides']); "
         "run_tapt(rows=a['rows'], tapt=c.tapt, backbone=c.backbone, audio=c.audio, "

@@ -10,11 +10,11 @@ import soundfile as sf
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model, pipeline
 
+from after_ray.config.backbone import BackboneConfig
 from after_ray.errors import ConfigError
-from after_ray.export import export_hf
 from after_ray.models.backbones import load_backbone
 from after_ray.models.classifier import SERClassifier
-from after_ray.models.settings import BackboneConfig
+from after_ray.models.export import export_hf
 
 LABELS = ["angry", "happy", "neutral", "sad"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import soundfile as sf
 
-from after_ray.audio import AudioConfig
-from after_ray.feature_baseline import (
+from after_ray.data.audio import AudioConfig
+from after_ray.experiments.feature_baseline import (
     KIND,
     extract_features,
     fit_logistic,
@@ -15,7 +15,7 @@ from after_ray.feature_baseline import (
     utterance_features,
     write_baseline_runs,
 )
-from after_ray.report import aggregate, load_run
+from after_ray.report.report import aggregate, load_run
 
 CLASSES = ["low", "mid", "high"]
 PITCH = {"low": 120.0, "mid": 220.0, "high": 350.0}

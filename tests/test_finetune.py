@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from after_ray import config_schema
+from after_ray.config import schema as config_schema
+from after_ray.config.backbone import BackboneConfig
+from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError
 from after_ray.models.backbones import load_backbone
 from after_ray.models.classifier import SERClassifier, SpecAugment
-from after_ray.models.settings import BackboneConfig
 from after_ray.training.finetune import (
     CachedFeatureBatches,
     batch_targets,
@@ -28,7 +29,6 @@ from after_ray.training.finetune import (
     soft_cross_entropy,
     train_one_epoch,
 )
-from after_ray.training.finetune_settings import FinetuneConfig
 from after_ray.training.scoring import average_chunks, score_batch
 
 CLASS_NAMES = ["low", "mid", "high"]

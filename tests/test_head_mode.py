@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from after_ray.config.backbone import BackboneConfig
+from after_ray.config.finetune import FinetuneConfig
 from after_ray.models.backbones import load_backbone
-from after_ray.models.settings import BackboneConfig
 from after_ray.training.finetune import build_classifier
-from after_ray.training.finetune_settings import FinetuneConfig
 from after_ray.training.head import fit_head, head_outputs, pool_standardisation
 from after_ray.training.scoring import score_batch
 
@@ -142,7 +142,7 @@ def test_head_mode_config_rejects_attentive_pooling():
 
 def test_layer_stats_head_cannot_be_exported(tmp_path):
     from after_ray.errors import AfterRayError
-    from after_ray.export import export_hf
+    from after_ray.models.export import export_hf
 
     with pytest.raises(AfterRayError, match="layer_stats"):
         export_hf(_model(), CLASSES, tmp_path / "hf")
@@ -163,11 +163,11 @@ def test_a_head_mode_run_reads_audio_once_and_its_models_score_like_the_actor_pa
 ):
     from tiny_run import outcome, tiny_config
 
-    from after_ray.config import config_from_dict
+    from after_ray.config.sections import config_from_dict
+    from after_ray.data.manifest import read_manifest
     from after_ray.distributed.scoring import score_rows
-    from after_ray.head_rounds import FeatureSpace
-    from after_ray.manifest import read_manifest
-    from after_ray.runner import run_active_learning
+    from after_ray.pipeline.head_rounds import FeatureSpace
+    from after_ray.pipeline.runner import run_active_learning
 
     data = tiny_config(tmp_path, corpus_root, finetune={"mode": "head", "pooling": "layer_stats"})
     config = config_from_dict(data)
@@ -189,7 +189,7 @@ def test_a_head_mode_run_reads_audio_once_and_its_models_score_like_the_actor_pa
     actor_pool = dataclasses.replace(config.ray, in_process_scoring_max_rows=0)
     from_audio = score_rows(test_rows, model_dir, audio=config.audio, ray_cfg=actor_pool,
                             mc_samples=0, seed=0, cache_root=tmp_path / "check")  # fmt: skip
-    from after_ray.al.state import RunState
+    from after_ray.store.run_state import RunState
 
     with RunState.open(config.run_dir) as state:
         backbone = state.stage_info("tapt")["backbone_dir"]
@@ -209,7 +209,7 @@ def test_a_head_mode_run_reads_audio_once_and_its_models_score_like_the_actor_pa
 
 
 def test_speaker_standardise_gives_each_speaker_mean_0_std_1_and_leaves_the_rest():
-    from after_ray.head_rounds import speaker_standardise
+    from after_ray.pipeline.head_rounds import speaker_standardise
 
     rng = np.random.default_rng(3)
     # A big per-speaker offset and scale, as voices put on pooled features.
@@ -231,9 +231,9 @@ def test_the_kept_round_model_scores_like_its_checkpoint_reloaded(tmp_path, monk
     from tiny_run import tiny_config
 
     import after_ray.models.classifier_io as classifier_io
-    from after_ray.config import config_from_dict
-    from after_ray.head_rounds import FeatureSpace, train_round_head
-    from after_ray.score_cache import PoolScores
+    from after_ray.config.sections import config_from_dict
+    from after_ray.pipeline.head_rounds import FeatureSpace, train_round_head
+    from after_ray.store.score_cache import PoolScores
 
     config = config_from_dict(
         tiny_config(tmp_path, tmp_path, finetune={"mode": "head", "pooling": "layer_stats"})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import after_ray.al.kcenter as kc
-from after_ray.al.kcenter import KCenterStats, kcenter_greedy, kcenter_greedy_naive
+import after_ray.al.kernels.kcenter as kc
+from after_ray.al.kernels.kcenter import KCenterStats, kcenter_greedy, kcenter_greedy_naive
 
 
 def brute_force(x, labeled, k, candidates=None):
@@ -130,7 +130,7 @@ def test_edge_cases_and_naive_baseline():
 
 @pytest.mark.ray
 def test_sharded_exact_equals_single_process_and_two_round_is_bounded(ray_session):
-    from after_ray.distributed.sharded_kcenter import sharded_kcenter_greedy
+    from after_ray.distributed.kcenter import sharded_kcenter_greedy
 
     rng = _rng(7)
     x = rng.standard_normal((2400, 12)).astype(np.float32)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from after_ray.al.state import LABELS_FILE, RunState
 from after_ray.errors import LabelImportError, RunStateError
-from after_ray.labeling import export_batch, import_labels
+from after_ray.pipeline.labeling import export_batch, import_labels
+from after_ray.store.run_state import LABELS_FILE, RunState
 
 CLASSES = ["neutral", "happy", "angry", "sad"]
 IDS = ["corpus/s1/a", "corpus/s1/b", "corpus/s2/c", "corpus/s2/d"]

@@ -1,6 +1,6 @@
 """Load test: 200,000 utterances through the scoring cache -> pool -> AFTER / coreset selection -> run state.
 
-Runs ``after_ray.bench_load`` (in its own subprocess) at n=200,000, d=32, k=500, two rounds, and
+Runs ``after_ray.bench.load`` (in its own subprocess) at n=200,000, d=32, k=500, two rounds, and
 checks what it produced on disk, not how fast: the selections have the right sizes and never
 repeat an item across rounds, every selected item got exactly one label line, the run
 directories pass ``check_run_dir``, AFTER's picks come from its margin pre-filter, the peak
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from after_ray.al.state import LABELS_FILE, RunState, check_run_dir
 from after_ray.al.strategies import get_strategy
 from after_ray.al.strategies.hybrid import prefilter_size
-from after_ray.bench_load import run_load_benchmark
-from after_ray.score_cache import read_scores
+from after_ray.bench.load import run_load_benchmark
+from after_ray.store.run_state import LABELS_FILE, RunState, check_run_dir
+from after_ray.store.score_cache import read_scores
 
 N, D, K, ROUNDS = 200_000, 32, 500, 2
 

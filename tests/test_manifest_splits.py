@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from after_ray import manifest, splits
+from after_ray.data import manifest, splits
 from after_ray.errors import ConfigError, CorpusError
 
 

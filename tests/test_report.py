@@ -17,10 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from after_ray import plots
-from after_ray.al.state import SELECTION_SCHEMA
 from after_ray.errors import RunStateError
-from after_ray.report import (
+from after_ray.report import figures as plots
+from after_ray.report.report import (
     FIGURES,
     aggregate,
     area_under_curve,
@@ -30,6 +29,7 @@ from after_ray.report import (
     report_json,
     write_report,
 )
+from after_ray.store.run_state import SELECTION_SCHEMA
 
 CLASSES = ["neutral", "happy", "angry", "sad"]
 POOL = 400

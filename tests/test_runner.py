@@ -21,11 +21,11 @@ import yaml
 from tiny_run import TINY, outcome, synth_corpus, tiny_config_file
 
 from after_ray import faults
-from after_ray.al.state import RunState, check_run_dir
-from after_ray.config import load_config
-from after_ray.manifest import read_manifest
+from after_ray.config.sections import load_config
+from after_ray.data.manifest import read_manifest
 from after_ray.models.classifier_io import verify_classifier_dir
-from after_ray.runner import run_active_learning
+from after_ray.pipeline.runner import run_active_learning
+from after_ray.store.run_state import RunState, check_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

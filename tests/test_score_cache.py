@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from after_ray.score_cache import (
+from after_ray.store.score_cache import (
     DONE,
     SCORES_FILE,
     PoolScores,

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from after_ray import atomic
-from after_ray.al.state import (
+from after_ray.errors import RunStateError
+from after_ray.store import atomic
+from after_ray.store.run_state import (
     LABELS_FILE,
     SELECTION_META_KEY,
     SELECTION_SCHEMA,
@@ -25,7 +26,6 @@ from after_ray.al.state import (
     check_run_dir,
     selection_path,
 )
-from after_ray.errors import RunStateError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_record_metrics_failure_through_run_state_keeps_old_metrics(tmp_path, mo
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from after_ray.al.state import RunState
+    from after_ray.store.run_state import RunState
     state = RunState.open(sys.argv[1])
     print("locked", flush=True)
     time.sleep(120)
@@ -306,7 +306,7 @@ def test_torn_last_line_is_truncated_on_open(tmp_path, caplog):
         handle.write(b'{"annotator":null,"label":"ang')
     problems = check_run_dir(run_dir)
     assert len(problems) == 1 and "line 3" in problems[0] and "torn" in problems[0]
-    with caplog.at_level(logging.WARNING, logger="after_ray.al.state"):
+    with caplog.at_level(logging.WARNING, logger="after_ray.store.run_state"):
         state = RunState.open(run_dir)
     try:
         assert "cut off" in caplog.text

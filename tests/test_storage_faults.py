@@ -27,10 +27,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-import after_ray.al.state as state_module
-from after_ray import atomic
-from after_ray.al.state import LABELS_FILE, STATE_FILE, RunState, check_run_dir
+import after_ray.store.run_state as state_module
 from after_ray.errors import RunStateError
+from after_ray.store import atomic
+from after_ray.store.run_state import LABELS_FILE, STATE_FILE, RunState, check_run_dir
 
 IDS0 = [f"c/s{i % 3}/u{i:03d}" for i in range(6)]
 IDS1 = [f"c/s{i % 3}/v{i:03d}" for i in range(6)]
@@ -375,8 +375,8 @@ REAL_LIMIT_SCRIPT = textwrap.dedent(
     import numpy as np
     import safetensors.numpy
 
-    from after_ray import atomic
-    from after_ray.al.state import RunState
+    from after_ray.store import atomic
+    from after_ray.store.run_state import RunState
     from after_ray.errors import RunStateError
 
     run_dir, model_dir = Path(sys.argv[1]), Path(sys.argv[2])
@@ -558,11 +558,11 @@ def saved_classifier(tmp_path_factory):
     """A tiny two-class classifier saved by save_classifier, and its eval-mode outputs."""
     import torch
 
+    from after_ray.config.backbone import BackboneConfig
+    from after_ray.config.finetune import FinetuneConfig
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import save_classifier
-    from after_ray.models.settings import BackboneConfig
     from after_ray.training.finetune import build_classifier
-    from after_ray.training.finetune_settings import FinetuneConfig
 
     cfg = FinetuneConfig()
     backbone = load_backbone(BackboneConfig(name_or_path="tiny", seed=5), for_pretraining=False)
@@ -658,9 +658,9 @@ CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
     from after_ray.errors import RunStateError
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import save_classifier
-    from after_ray.models.settings import BackboneConfig
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.training.finetune import build_classifier
-    from after_ray.training.finetune_settings import FinetuneConfig
+    from after_ray.config.finetune import FinetuneConfig
     from after_ray.training.tapt import save_tapt_result, save_tapt_state
 
     root = Path(sys.argv[1])

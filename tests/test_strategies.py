@@ -3,7 +3,7 @@ against a naive brute-force reference written here (explicit loops, float64).
 
 The references re-implement the documented rules independently (tie rules, cluster orders,
 random procedures); where a strategy clusters, the reference gets the same k-means result by
-calling ``after_ray.al.clustering.kmeans`` with the same arguments the strategy uses.
+calling ``after_ray.al.kernels.clustering.kmeans`` with the same arguments the strategy uses.
 """
 
 from __future__ import annotations
@@ -565,7 +565,7 @@ def naive_cluster_margin(pool: PoolView, assignment, k: int, factor: float, seed
 
 @pytest.mark.parametrize(("n_clusters", "factor", "seed"), [(None, 10.0, 0), (6, 3.0, 1)])
 def test_cluster_margin_matches_naive_given_the_same_clustering(n_clusters, factor, seed):
-    from after_ray.al.clustering import kmeans
+    from after_ray.al.kernels.clustering import kmeans
 
     pool = make_pool(n=120, n_labeled=30, seed=30 + seed, dim=4)
     strategy = ClusterMarginSampling(n_clusters=n_clusters, margin_pool_factor=factor)
@@ -622,7 +622,7 @@ def naive_typiclust(pool: PoolView, assignment, k: int, knn: int, min_size: int)
 
 @pytest.mark.parametrize(("n_labeled", "k", "knn", "min_size"), [(0, 10, 20, 5), (8, 14, 3, 2)])
 def test_typiclust_matches_naive_given_the_same_clustering(n_labeled, k, knn, min_size):
-    from after_ray.al.clustering import kmeans
+    from after_ray.al.kernels.clustering import kmeans
 
     pool = make_pool(n=90, n_labeled=n_labeled, seed=40, dim=3)
     strategy = TypiClustSampling(knn=knn, min_cluster_size=min_size)
@@ -684,7 +684,7 @@ def test_after_init_matches_naive_given_the_same_clustering(n_clusters, n_labele
     norms = np.linalg.norm(x, axis=1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)  # clustered on normalised embeddings
     if n_clusters is not None:  # the best (lowest inertia) of n_init seeded runs, first on ties
-        from after_ray.al.clustering import kmeans
+        from after_ray.al.kernels.clustering import kmeans
 
         n_init = strategy.kmeans_n_init
         runs = [
@@ -894,7 +894,7 @@ def test_poolview_speakers_validation_and_take():
 
 
 def test_runner_pool_view_carries_the_manifest_speakers():
-    from after_ray.runner import _pool_view
+    from after_ray.pipeline.runner import _pool_view
 
     ids = ["u1", "u2", "u3"]
     view = _pool_view(ids, {"u2"}, None, None, {"u1": "ses1/F", "u2": "ses1/M", "u3": None})
@@ -996,7 +996,7 @@ def naive_alps(pool: PoolView, k: int, seed: int, niter: int, n_init: int) -> li
     """k-means of the normalised unlabeled rows into k clusters (the same seeded runs as the
     strategy, the lowest inertia kept), then each cluster's member nearest to its centroid,
     largest cluster first."""
-    from after_ray.al.clustering import kmeans
+    from after_ray.al.kernels.clustering import kmeans
 
     x = pool.embeddings.astype(np.float64)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -1063,7 +1063,7 @@ def test_alps_covers_the_blobs_of_a_cold_start():
 
 
 def test_default_cold_start_is_random():
-    from after_ray.config import ALConfig
+    from after_ray.config.sections import ALConfig
 
     assert ALConfig().cold_start == "random"
     assert ALConfig().strategy == "after"

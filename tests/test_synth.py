@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from after_ray.corpora import espeak
-from after_ray.corpora.synth import (
+from after_ray.data.corpora import espeak
+from after_ray.data.corpora.synth import (
     INFO_NAME,
     MAX_SPEAKERS,
     describe_corpus,

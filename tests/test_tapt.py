@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.models.backbones import load_backbone
 from after_ray.models.masking import compute_span_mask, generator_for, sample_negatives
 from after_ray.models.pretraining import (
@@ -22,7 +23,6 @@ from after_ray.models.pretraining import (
     num_frames,
     wav2vec2_pretraining_loss,
 )
-from after_ray.models.settings import BackboneConfig, TaptConfig
 from after_ray.training.tapt import (
     gumbel_temperature,
     load_tapt_state,
@@ -313,7 +313,7 @@ _TAPT_IN_A_PROCESS = """
 import hashlib, json, sys
 import numpy as np, torch
 from after_ray.models.backbones import load_backbone
-from after_ray.models.settings import BackboneConfig, TaptConfig
+from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.training.tapt import tapt_loop
 
 torch.set_num_threads(2)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from after_ray.al.state import LABELS_FILE, RunState
 from after_ray.errors import ConfigError, LabelImportError, RunStateError
-from after_ray.labeling import import_labels
+from after_ray.pipeline.labeling import import_labels
+from after_ray.store.run_state import LABELS_FILE, RunState
 
 PACKAGE = Path(__file__).resolve().parents[1] / "after_ray"
 
@@ -59,8 +59,8 @@ def _write_malicious_pickle(path: Path, marker: Path, *, torch_format: bool) -> 
 
 @pytest.fixture(scope="module")
 def tiny_backbone_dir(tmp_path_factory) -> Path:
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone, save_backbone
-    from after_ray.models.settings import BackboneConfig
 
     out = tmp_path_factory.mktemp("backbone") / "tiny"
     save_backbone(load_backbone(BackboneConfig(name_or_path="tiny"), for_pretraining=False), out)
@@ -82,8 +82,8 @@ def _pickle_only_copy(src: Path, dst: Path, marker: Path, torch_format: bool) ->
 def test_backbone_with_only_a_pickle_is_refused_without_running_it(
     tiny_backbone_dir, tmp_path, torch_format
 ):
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone
-    from after_ray.models.settings import BackboneConfig
 
     marker = tmp_path / "PWNED"
     model_dir = _pickle_only_copy(tiny_backbone_dir, tmp_path / "m", marker, torch_format)
@@ -96,8 +96,8 @@ def test_backbone_with_only_a_pickle_is_refused_without_running_it(
 
 
 def test_backbone_with_only_a_pickle_is_a_config_error(tiny_backbone_dir, tmp_path):
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone
-    from after_ray.models.settings import BackboneConfig
 
     model_dir = _pickle_only_copy(tiny_backbone_dir, tmp_path / "m", tmp_path / "PWNED", True)
     with pytest.raises(ConfigError, match="safetensors") as info:
@@ -120,8 +120,8 @@ def test_the_suggested_conversion_makes_a_trusted_pickle_loadable(tmp_path):
     import torch
     from safetensors.torch import load_file
 
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone, save_backbone
-    from after_ray.models.settings import BackboneConfig
 
     original = load_backbone(BackboneConfig(name_or_path="tiny", seed=3), for_pretraining=True)
     # A quote and a space in the path: the command must survive the shell.
@@ -147,8 +147,8 @@ def test_the_suggested_conversion_makes_a_trusted_pickle_loadable(tmp_path):
 def test_a_pickle_named_by_the_config_or_a_shard_index_is_refused(tiny_backbone_dir, tmp_path):
     """transformers loads what config.json (transformers_weights) or a safetensors index names,
     whatever use_safetensors says: a pickle smuggled in that way is refused too."""
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone
-    from after_ray.models.settings import BackboneConfig
 
     marker = tmp_path / "PWNED"
     named = tmp_path / "named"
@@ -173,8 +173,8 @@ def test_a_pickle_named_by_the_config_or_a_shard_index_is_refused(tiny_backbone_
 
 
 def test_backbone_directory_without_weights_is_a_config_error(tiny_backbone_dir, tmp_path):
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone
-    from after_ray.models.settings import BackboneConfig
 
     model_dir = tmp_path / "m"
     shutil.copytree(tiny_backbone_dir, model_dir)
@@ -257,8 +257,8 @@ def _remote_code_dir(base: Path, marker: Path, config: dict) -> Path:
 
 
 def test_checkpoint_needing_custom_code_is_refused_without_importing_it(tmp_path):
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone
-    from after_ray.models.settings import BackboneConfig
 
     marker = tmp_path / "PWNED"
     model_dir = _remote_code_dir(tmp_path, marker, {"model_type": "evil"})
@@ -271,8 +271,8 @@ def test_checkpoint_needing_custom_code_is_refused_without_importing_it(tmp_path
 
 
 def test_auto_map_in_a_known_family_checkpoint_is_ignored(tiny_backbone_dir, tmp_path):
+    from after_ray.config.backbone import BackboneConfig
     from after_ray.models.backbones import load_backbone
-    from after_ray.models.settings import BackboneConfig
 
     marker = tmp_path / "PWNED"
     config = json.loads((tiny_backbone_dir / "config.json").read_text())

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 
 from after_ray import faults
-from after_ray.audio import AudioConfig
-from after_ray.config import config_from_dict
+from after_ray.config.sections import config_from_dict
+from after_ray.data.audio import AudioConfig
 
 N_UTTERANCES = 30
 # The actor pool even for this small set (in-process scoring would kill the test process).
@@ -30,11 +30,11 @@ SCORING = {
 def scoring_setup(tmp_path_factory):
     """A tiny random classifier and 30 short WAVs (0.4-2.5 s; with 1 s chunks, the longer ones
     are scored in up to 3 chunks that may land in different batches and actors)."""
+    from after_ray.config.backbone import BackboneConfig
+    from after_ray.config.finetune import FinetuneConfig
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import save_classifier
-    from after_ray.models.settings import BackboneConfig
     from after_ray.training.finetune import build_classifier
-    from after_ray.training.finetune_settings import FinetuneConfig
 
     tmp = tmp_path_factory.mktemp("scoring")
     cfg = FinetuneConfig()
@@ -82,7 +82,7 @@ def test_a_killed_scoring_actor_is_restarted_and_the_scores_are_unchanged(
     (``score_rows`` keeps Ray Data's order; batches are cut from the same input blocks). The
     draws depend on a row's position in its batch, not on which actor or attempt scores it.
     """
-    from after_ray.score_cache import DONE, read_scores
+    from after_ray.store.score_cache import DONE, read_scores
 
     with caplog.at_level(logging.INFO, logger="ray.data"):
         clean = _score(scoring_setup, tmp_path / "clean")

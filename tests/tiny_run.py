@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from after_ray.al.state import RunState
+from after_ray.store.run_state import RunState
 
 BALANCED_CLEAN = {"class_priors": {}, "duplicate_fraction": 0.0, "low_quality_fraction": 0.0}
 
@@ -50,7 +50,7 @@ def tiny_config_file(tmp: Path, corpus_root: Path, **sections) -> Path:
 
 
 def synth_corpus(root: Path) -> Path:
-    from after_ray.corpora.synth import synthesize_corpus
+    from after_ray.data.corpora.synth import synthesize_corpus
 
     s = TINY["corpus"]["synth"]
     return synthesize_corpus(

@@ -17,7 +17,7 @@ so an item gets the same label whatever batch it is in, in whatever order, and a
 labels exactly as the uninterrupted one would.
 
 An item without a label in the manifest (the unlabeled pool of a real deployment) cannot be
-simulated: that needs people (``al.oracle.kind: human``, see ``after_ray.labeling``).
+simulated: that needs people (``al.oracle.kind: human``, see ``after_ray.pipeline.labeling``).
 """
 
 from __future__ import annotations

@@ -30,9 +30,16 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from after_ray.audio import AudioConfig, AudioProblem, Mode, load_for_model, probe_file, row_rng
-from after_ray.manifest import MANIFEST_SCHEMA
-from after_ray.quarantine import QUARANTINE_SCHEMA
+from after_ray.data.audio import (
+    AudioConfig,
+    AudioProblem,
+    Mode,
+    load_for_model,
+    probe_file,
+    row_rng,
+)
+from after_ray.data.manifest import MANIFEST_SCHEMA
+from after_ray.data.quarantine import QUARANTINE_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ BADGE needs: gradient embeddings are never materialised) and T Monte-Carlo-dropo
 samples (BALD). Long utterances are scored in chunks and averaged per ``utt_id``.
 
 Results go to a cache directory ``<cache_root>/<key>/`` (layout and memory-bounded reading in
-``after_ray.score_cache``) where the key hashes the checkpoint's weights, the MC settings and the
+``after_ray.store.score_cache``) where the key hashes the checkpoint's weights, the MC settings and the
 audio settings, so scoring the same checkpoint again (a resumed run, a second strategy over the
 same model) is read from the cache.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from after_ray import faults
-from after_ray.audio import AudioConfig
+from after_ray.data.audio import AudioConfig
 from after_ray.faults import failpoint
-from after_ray.score_cache import ARRAY_KEYS, PoolScores, read_scores, write_scores
+from after_ray.store.score_cache import ARRAY_KEYS, PoolScores, read_scores, write_scores
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,13 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from after_ray import faults
-from after_ray.atomic import as_os_error, staged_directory, write_failure
-from after_ray.audio import AudioConfig
+from after_ray.config.backbone import BackboneConfig, TaptConfig
+from after_ray.config.finetune import FinetuneConfig
+from after_ray.data.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
 from after_ray.errors import AfterRayError
 from after_ray.faults import failpoint
-from after_ray.models.settings import BackboneConfig, TaptConfig
-from after_ray.training.finetune_settings import FinetuneConfig
+from after_ray.store.atomic import as_os_error, staged_directory, write_failure
 
 log = logging.getLogger(__name__)
 

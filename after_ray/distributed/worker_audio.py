@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from after_ray.audio import (
+from after_ray.data.audio import (
     EMPTY,
     NON_FINITE,
     AudioConfig,

@@ -59,9 +59,9 @@ from transformers import (
     WavLMModel,
 )
 
-from after_ray.atomic import staged_directory
+from after_ray.config.backbone import BackboneConfig
 from after_ray.errors import ConfigError
-from after_ray.models.settings import BackboneConfig
+from after_ray.store.atomic import staged_directory
 
 FAMILIES = ("wav2vec2", "hubert", "wavlm")
 # Config attribute that marks a model built from a preset (kept through save/load and TAPT).

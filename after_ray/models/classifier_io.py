@@ -17,13 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from after_ray.atomic import staged_directory
+from after_ray.config.backbone import BackboneConfig
+from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError, RunStateError
 from after_ray.models.backbones import load_backbone, write_backbone_files
 from after_ray.models.classifier import SERClassifier
-from after_ray.models.settings import BackboneConfig
+from after_ray.store.atomic import staged_directory
 from after_ray.training.finetune import build_classifier
-from after_ray.training.finetune_settings import FinetuneConfig
 
 WEIGHTS = "classifier.safetensors"
 META = "classifier.json"

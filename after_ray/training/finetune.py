@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from after_ray.atomic import to_jsonable
+from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError
 from after_ray.metrics import classification_report
 from after_ray.models.classifier import SERClassifier, SpecAugment
-from after_ray.training.finetune_settings import FinetuneConfig
+from after_ray.store.atomic import to_jsonable
 
 Batch = dict[str, Any]
 TrainBatches = Callable[[int], Iterable[Batch]]

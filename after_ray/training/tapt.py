@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import Wav2Vec2ForPreTraining
 
-from after_ray.atomic import fsync_dir, temp_path_for, write_failure
+from after_ray.config.backbone import TaptConfig
 from after_ray.errors import RunStateError
 from after_ray.models.backbones import save_backbone, unwrap
 from after_ray.models.masking import compute_span_mask, derive_seed, generator_for, sample_negatives
@@ -45,7 +45,7 @@ from after_ray.models.pretraining import (
     resolve_feature_layer,
     wav2vec2_pretraining_loss,
 )
-from after_ray.models.settings import TaptConfig
+from after_ray.store.atomic import fsync_dir, temp_path_for, write_failure
 
 # Independent random streams derived from (seed, rank, step, stream).
 _MASK_STREAM = 0

@@ -21,7 +21,7 @@ The rule:
    (None: when the pool has speaker ids; False: never; True: required;
    :func:`~after_ray.al.strategies.base.speaker_standardize`), then L2-normalised as ALPS
    normalises its surprisal vectors (Euclidean distance then ranks like cosine similarity).
-2. FAISS k-means (``after_ray.al.clustering.kmeans``, seeded, ``kmeans_niter`` iterations) of the
+2. FAISS k-means (``after_ray.al.kernels.clustering.kmeans``, seeded, ``kmeans_niter`` iterations) of the
    **unlabeled** rows into ``K = k`` clusters, as ALPS clusters the unlabeled pool; the lowest-
    inertia of ``kmeans_n_init`` seeded runs (:func:`~after_ray.al.strategies.cold_start.best_kmeans`;
    ALPS used scikit-learn's 10 restarts): one start often merges two groups and splits another,

@@ -6,7 +6,7 @@ cross-entropy loss w.r.t. the last linear layer if the model's own prediction we
 norm grows with uncertainty and its direction encodes the features, so k-means++ seeding (D^2
 sampling) over ``g`` picks a batch that is uncertain and diverse at once.
 
-The seeding runs in :func:`after_ray.al.badge_fast.badge_kmeanspp`, which never forms the C*H
+The seeding runs in :func:`after_ray.al.kernels.badge.badge_kmeanspp`, which never forms the C*H
 vectors (``||g_i - g_j||^2`` factorises into probability and feature inner products); its module
 docstring states the exact seeding rule (first center, tie handling, how ``seed`` drives the D^2
 draws). Only unlabeled items are candidates; the labeled set plays no part, as in the paper.
@@ -29,6 +29,6 @@ class BadgeSampling(Strategy):
     requires = frozenset({"probs", "penultimate"})
 
     def _select(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
-        from after_ray.al.badge_fast import badge_kmeanspp
+        from after_ray.al.kernels.badge import badge_kmeanspp
 
         return badge_kmeanspp(pool.probs, pool.penultimate, k, seed=seed, candidates=~pool.labeled)

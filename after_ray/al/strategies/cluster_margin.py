@@ -1,7 +1,7 @@
 """Cluster-Margin (Citovsky et al., NeurIPS 2021): low-margin candidates, round-robin over clusters.
 
 1. Cluster the whole pool's ``embeddings`` (labeled and unlabeled) with FAISS k-means
-   (``after_ray.al.clustering.kmeans``) into ``n_clusters`` clusters. The paper runs average-link
+   (``after_ray.al.kernels.clustering.kmeans``) into ``n_clusters`` clusters. The paper runs average-link
    HAC once on a seed model's embeddings; exact HAC is O(N^2) memory (40 GB at 100k items), so
    k-means stands in for it (al-at-scale.md §2.3). Default ``n_clusters``: ``ceil(sqrt(N))``,
    the usual rule of thumb, capped at ``N`` (a config may set it).
@@ -105,7 +105,7 @@ class ClusterMarginSampling(Strategy):
 
     def cluster(self, pool: PoolView, seed: int) -> np.ndarray:
         """``[N]`` cluster id of every row (k-means on the embeddings)."""
-        from after_ray.al.clustering import kmeans
+        from after_ray.al.kernels.clustering import kmeans
 
         n = len(pool)
         n_clusters = min(n, self.n_clusters) if self.n_clusters else default_n_clusters(n)

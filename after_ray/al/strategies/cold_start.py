@@ -7,7 +7,7 @@ a nearest point; no seed). Here:
 
 1. Embeddings: ``PoolView.embeddings`` (the TAPT model's pooled output in the pipeline), L2-
    normalised, so Euclidean distance ranks like cosine similarity. The whole pool is clustered
-   (labeled items included) with FAISS k-means (``after_ray.al.clustering.kmeans``, seeded).
+   (labeled items included) with FAISS k-means (``after_ray.al.kernels.clustering.kmeans``, seeded).
 2. Number of clusters: ``n_clusters`` when given (capped at N). Otherwise the **elbow of the
    k-means inertia** over ``K = 1 .. max_clusters`` (capped at N), the rule AFTER applied by eye
    with Yellowbrick's ``KElbowVisualizer(k=(1, 8))``: with ``W(K)`` the inertia (sum of squared
@@ -87,7 +87,7 @@ def best_kmeans(
     ``seed``s); equal inertia: the earlier run. One random start often lands in a poor local
     optimum (two blobs merged, one split), which would put a false elbow in the curve.
     """
-    from after_ray.al.clustering import kmeans
+    from after_ray.al.kernels.clustering import kmeans
 
     if n_clusters == 1:
         centroids = np.asarray(x, dtype=np.float64).mean(axis=0, keepdims=True)

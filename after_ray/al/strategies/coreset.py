@@ -2,7 +2,7 @@
 
 Centers are the labeled items; each pick is the unlabeled item farthest (squared Euclidean on
 ``PoolView.embeddings``) from every labeled item and every earlier pick, which is the greedy
-2-approximation of the minimax cover. The work is done by :func:`after_ray.al.kcenter.kcenter_greedy`
+2-approximation of the minimax cover. The work is done by :func:`after_ray.al.kernels.kcenter.kcenter_greedy`
 (exact, lazy, FAISS 1-NN for the initial distances); its module docstring states the exact rule:
 ties go to the lowest row position, and with no labeled item the first pick is the unlabeled
 item closest to the unlabeled mean. Deterministic: ``seed`` is not used.
@@ -37,7 +37,7 @@ class CoresetSampling(Strategy):
         return {"speaker_norm": self.speaker_norm}
 
     def _select(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
-        from after_ray.al.kcenter import kcenter_greedy
+        from after_ray.al.kernels.kcenter import kcenter_greedy
 
         x = distance_embeddings(pool, self.speaker_norm, self.name)
         return kcenter_greedy(x, pool.labeled_positions, k, candidates=~pool.labeled, seed=seed)

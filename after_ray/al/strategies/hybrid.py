@@ -9,7 +9,7 @@ uncertainty score and takes the top ``k`` (after-method.md §2.3). This strategy
    as candidates (ties by ``utt_id``).
 2. **Diverse.** Run k-center greedy on ``embeddings`` restricted to those candidates, with the
    labeled items as the initial centers: each pick is the candidate farthest from every labeled
-   item *and* every earlier pick (``after_ray.al.kcenter``; ties by lowest position).
+   item *and* every earlier pick (``after_ray.al.kernels.kcenter``; ties by lowest position).
 
 Why this shape:
 
@@ -147,7 +147,7 @@ class AfterHybrid(Strategy):
         return np.argmax(probs, axis=1)
 
     def _select(self, pool: PoolView, k: int, seed: int) -> np.ndarray:
-        from after_ray.al.kcenter import kcenter_greedy
+        from after_ray.al.kernels.kcenter import kcenter_greedy
 
         candidates = self.candidates(pool, k)
         mask = np.zeros(len(pool), dtype=bool)

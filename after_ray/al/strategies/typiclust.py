@@ -2,7 +2,7 @@
 
 A label-free (cold-start, low-budget) strategy on ``PoolView.embeddings``:
 
-1. k-means (``after_ray.al.clustering.kmeans``) of the whole pool into
+1. k-means (``after_ray.al.kernels.clustering.kmeans``) of the whole pool into
    ``K = min(max_clusters, #labeled + k, N)`` clusters (the reference caps K at 500).
 2. Pick ``k`` items one at a time from the least covered cluster: the cluster with the fewest
    labeled-or-picked members, the larger cluster first among equals, then the lower cluster id.
@@ -113,7 +113,7 @@ class TypiClustSampling(Strategy):
 
     def cluster(self, pool: PoolView, k: int, seed: int, x: np.ndarray | None = None) -> np.ndarray:
         """``[N]`` cluster id of every row (k-means on the embeddings, or on ``x``)."""
-        from after_ray.al.clustering import kmeans
+        from after_ray.al.kernels.clustering import kmeans
 
         if x is None:
             x = distance_embeddings(pool, self.speaker_norm, self.name)
