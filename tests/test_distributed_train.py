@@ -267,10 +267,10 @@ def test_disk_full_at_a_training_checkpoint_is_a_clear_error_and_the_run_resumes
 
     from after_ray.distributed.train import local_checkpoint_dir
     from after_ray.errors import RunStateError
-    from after_ray.training import tapt as tapt_module
+    from after_ray.store import torch_state
 
     config = tapt_config(6, "ray.num_workers=0")
-    real_save = tapt_module.save_tapt_state
+    real_save = torch_state.save_training_state
     calls = []
 
     def save_on_a_disk_that_fills(state, path):
@@ -279,7 +279,7 @@ def test_disk_full_at_a_training_checkpoint_is_a_clear_error_and_the_run_resumes
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(state, path)
 
-    monkeypatch.setattr(tapt_module, "save_tapt_state", save_on_a_disk_that_fills)
+    monkeypatch.setattr(torch_state, "save_training_state", save_on_a_disk_that_fills)
     common = dict(
         rows=small_corpus[:16],
         tapt=config.tapt,
@@ -297,7 +297,7 @@ def test_disk_full_at_a_training_checkpoint_is_a_clear_error_and_the_run_resumes
     assert kept == ["000000"]  # the step-2 checkpoint, and no partial one
     assert not (tmp_path / "model").exists()
 
-    monkeypatch.setattr(tapt_module, "save_tapt_state", real_save)
+    monkeypatch.setattr(torch_state, "save_training_state", real_save)
     summary = run_tapt(**common)
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 6
 

@@ -318,7 +318,7 @@ def test_same_seed_gives_the_same_result(data):
 
 def test_resuming_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(data, tmp_path):
     """Stop after epoch 1 (state saved to disk and loaded back), resume in a fresh model."""
-    from after_ray.training.tapt import load_tapt_state, save_tapt_state
+    from after_ray.store.torch_state import load_training_state, save_training_state
 
     cfg = FinetuneConfig(epochs=4, batch_size=8, early_stopping_patience=0)
     items = data["train"][::2]
@@ -332,12 +332,12 @@ def test_resuming_from_an_epoch_checkpoint_ends_with_the_uninterrupted_weights(d
 
     def keep_epoch_1(epoch, get_state):
         if epoch == 1:
-            saved.append(save_tapt_state(get_state(), tmp_path / "finetune_state.pt"))
+            saved.append(save_training_state(get_state(), tmp_path / "finetune_state.pt"))
             raise KeyboardInterrupt  # the "crash": nothing after epoch 1 runs
 
     with pytest.raises(KeyboardInterrupt):
         finetune(cfg, tiny_classifier(cfg), provider, val, CLASS_NAMES, on_checkpoint=keep_epoch_1)
-    state = load_tapt_state(saved[0])
+    state = load_training_state(saved[0])
     assert state["next_epoch"] == 2
     # A differently initialised model: everything must come from the checkpoint.
     resumed = finetune(

@@ -466,46 +466,46 @@ def _training_state(step: int = 7) -> dict:
 
 
 @pytest.mark.parametrize("room", [0, 1, 100, 5000])
-def test_save_tapt_state_on_a_full_disk_keeps_the_previous_state(tmp_path, monkeypatch, room):
-    from after_ray.training import tapt
+def test_save_training_state_on_a_full_disk_keeps_the_previous_state(tmp_path, monkeypatch, room):
+    from after_ray.store import torch_state
 
     target = tmp_path / "000003" / "tapt_state.pt"
-    tapt.save_tapt_state(_training_state(step=3), target)
+    torch_state.save_training_state(_training_state(step=3), target)
     before = target.read_bytes()
-    monkeypatch.setattr(tapt, "open", _Disk(room).open, raising=False)
+    monkeypatch.setattr(atomic, "open", _Disk(room).open, raising=False)
     with pytest.raises(RunStateError) as info:
-        tapt.save_tapt_state(_training_state(), target)
+        torch_state.save_training_state(_training_state(), target)
     _assert_disk_full_message(info.value, target, "the training state")
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["tapt_state.pt"]  # no temp file
     monkeypatch.undo()
-    tapt.save_tapt_state(_training_state(), target)  # room again: the same call works
-    assert tapt.load_tapt_state(target)["step"] == 7
+    torch_state.save_training_state(_training_state(), target)  # room again: the same call works
+    assert torch_state.load_training_state(target)["step"] == 7
 
 
-def test_save_tapt_state_with_a_failing_fsync_keeps_the_previous_state(tmp_path, monkeypatch):
-    from after_ray.training import tapt
+def test_save_training_state_with_a_failing_fsync_keeps_the_previous_state(tmp_path, monkeypatch):
+    from after_ray.store import torch_state
 
     target = tmp_path / "tapt_state.pt"
-    tapt.save_tapt_state(_training_state(step=3), target)
+    torch_state.save_training_state(_training_state(step=3), target)
     before = target.read_bytes()
-    monkeypatch.setattr(tapt.os, "fsync", _raise(OSError(errno.ENOSPC, "No space left")))
+    monkeypatch.setattr(atomic.os, "fsync", _raise(OSError(errno.ENOSPC, "No space left")))
     with pytest.raises(RunStateError) as info:
-        tapt.save_tapt_state(_training_state(), target)
+        torch_state.save_training_state(_training_state(), target)
     monkeypatch.undo()
     _assert_disk_full_message(info.value, target, "the training state")
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tapt_state.pt"]
 
 
-def test_save_tapt_state_does_not_disguise_a_state_that_cannot_be_serialised(tmp_path):
-    from after_ray.training import tapt
+def test_save_training_state_does_not_disguise_a_state_that_cannot_be_serialised(tmp_path):
+    from after_ray.store import torch_state
 
     target = tmp_path / "tapt_state.pt"
-    tapt.save_tapt_state(_training_state(step=3), target)
+    torch_state.save_training_state(_training_state(step=3), target)
     before = target.read_bytes()
     with pytest.raises(Exception) as info:  # noqa: B017 - whatever torch.save raises
-        tapt.save_tapt_state({"step": 4, "callback": lambda: None}, target)
+        torch_state.save_training_state({"step": 4, "callback": lambda: None}, target)
     assert not isinstance(info.value, RunStateError)  # a bug, not the disk
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tapt_state.pt"]
@@ -526,28 +526,28 @@ STATE_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
-def test_load_tapt_state_of_a_damaged_file_names_it(tmp_path, damage):
-    from after_ray.training.tapt import load_tapt_state, save_tapt_state
+def test_load_training_state_of_a_damaged_file_names_it(tmp_path, damage):
+    from after_ray.store.torch_state import load_training_state, save_training_state
 
-    target = save_tapt_state(_training_state(), tmp_path / "000004" / "tapt_state.pt")
+    target = save_training_state(_training_state(), tmp_path / "000004" / "tapt_state.pt")
     STATE_DAMAGE[damage](target)
     with pytest.raises(RunStateError) as info:
-        load_tapt_state(target)
+        load_training_state(target)
     message = str(info.value)
     assert str(target) in message, message
     assert f"delete the checkpoint directory {str(target.parent)!r}" in message, message
     assert ("missing" if damage == "missing" else "corrupt") in message, message
 
 
-def test_load_tapt_state_refuses_a_file_that_is_not_a_state_dict(tmp_path):
+def test_load_training_state_refuses_a_file_that_is_not_a_state_dict(tmp_path):
     import torch
 
-    from after_ray.training.tapt import load_tapt_state
+    from after_ray.store.torch_state import load_training_state
 
     target = tmp_path / "tapt_state.pt"
     torch.save([torch.ones(2)], target)  # loads fine with weights_only, but is no state
     with pytest.raises(RunStateError, match="holds a list, not a state dict"):
-        load_tapt_state(target)
+        load_training_state(target)
 
 
 # --------------------------------------------------------------------------- classifier checkpoint
@@ -661,7 +661,8 @@ CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
     from after_ray.config.backbone import BackboneConfig
     from after_ray.training.finetune import build_classifier
     from after_ray.config.finetune import FinetuneConfig
-    from after_ray.training.tapt import save_tapt_result, save_tapt_state
+    from after_ray.store.torch_state import save_training_state
+    from after_ray.training.tapt import save_tapt_result
 
     root = Path(sys.argv[1])
     tiny = BackboneConfig(name_or_path="tiny")
@@ -674,7 +675,7 @@ CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
             classifier, root / "model", class_names=["a", "b"], finetune_cfg=FinetuneConfig()
         )
 
-    save_tapt_state({"step": 0, "w": torch.ones(4)}, state)
+    save_training_state({"step": 0, "w": torch.ones(4)}, state)
     save_tapt_result(backbone, root / "tapt")
     save_model()
 
@@ -696,7 +697,7 @@ CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
         except RunStateError as exc:
             outcome[name] = str(exc)
 
-    attempt("state", lambda: save_tapt_state({"step": 1, "model": backbone.state_dict()}, state))
+    attempt("state", lambda: save_training_state({"step": 1, "model": backbone.state_dict()}, state))
     attempt("tapt", lambda: save_tapt_result(backbone, root / "tapt"))
     attempt("classifier", save_model)
     every = sorted(str(p.relative_to(root)) for p in root.rglob("*"))

@@ -23,14 +23,8 @@ from after_ray.models.pretraining import (
     num_frames,
     wav2vec2_pretraining_loss,
 )
-from after_ray.training.tapt import (
-    gumbel_temperature,
-    load_tapt_state,
-    lr_factor,
-    save_tapt_result,
-    save_tapt_state,
-    tapt_loop,
-)
+from after_ray.store.torch_state import load_training_state, save_training_state
+from after_ray.training.tapt import gumbel_temperature, lr_factor, save_tapt_result, tapt_loop
 
 RATE = 16_000
 
@@ -259,9 +253,9 @@ def test_resuming_from_a_mid_run_state_equals_the_uninterrupted_run(name, tmp_pa
     assert sorted(saved) == [5, 10, 12]  # every 5 steps and after the last
 
     # Through the disk, as a Ray checkpoint would carry it (torch.load with weights_only=True).
-    state_file = save_tapt_state(saved[5], tmp_path / "tapt_state.pt")
+    state_file = save_training_state(saved[5], tmp_path / "tapt_state.pt")
     resumed = fresh()
-    rest = tapt_loop(cfg, resumed, batches, start_state=load_tapt_state(state_file))
+    rest = tapt_loop(cfg, resumed, batches, start_state=load_training_state(state_file))
     assert rest["steps"] == 12
     assert rest["loss_history"] == full["loss_history"]
     for (key, a), b in zip(

@@ -221,18 +221,18 @@ def test_tapt_state_with_a_malicious_pickle_is_refused(tmp_path):
     # The real format loads (so the refusal below is about the payload, not the file).
     import torch
 
-    from after_ray.training.tapt import load_tapt_state, save_tapt_state
+    from after_ray.store.torch_state import load_training_state, save_training_state
 
-    good = save_tapt_state({"step": 3, "model": {"w": torch.ones(2)}}, tmp_path / "ok.pt")
-    assert load_tapt_state(good)["step"] == 3
+    good = save_training_state({"step": 3, "model": {"w": torch.ones(2)}}, tmp_path / "ok.pt")
+    assert load_training_state(good)["step"] == 3
 
     marker = tmp_path / "PWNED"
     for torch_format in (True, False):
         bad = tmp_path / f"tapt_state_{torch_format}.pt"
         _write_malicious_pickle(bad, marker, torch_format=torch_format)
         with pytest.raises(RunStateError, match="other than tensors") as info:
-            load_tapt_state(bad)
-        assert not marker.exists(), "load_tapt_state executed the pickle"
+            load_training_state(bad)
+        assert not marker.exists(), "load_training_state executed the pickle"
         message = str(info.value)
         assert str(bad) in message and "delete the checkpoint directory" in message, message
         assert "weights_only=False" not in message  # never advise running the pickle

@@ -23,7 +23,6 @@ Items are always named by ``utt_id``, never by their row position.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from after_ray.errors import CorpusError
+from after_ray.store.atomic import atomic_write_parquet
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -78,15 +78,10 @@ def check_unique_ids(table: pa.Table) -> None:
 
 
 def write_manifest(table_or_rows: pa.Table | Iterable[dict[str, Any]], path: str | Path) -> Path:
-    """Write atomically (temporary file + rename) so a crash never leaves half a manifest."""
+    """Write atomically (``store.atomic``) so a crash never leaves half a manifest."""
     table = table_or_rows if isinstance(table_or_rows, pa.Table) else rows_to_table(table_or_rows)
     table = table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_parquet(table, path, what="the manifest")
 
 
 def read_manifest(path: str | Path) -> pa.Table:

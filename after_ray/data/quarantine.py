@@ -20,7 +20,6 @@ with a warning; ``quarantine_lost_files`` probes such files again and appends th
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from after_ray.errors import CorpusError
+from after_ray.store.atomic import atomic_write, atomic_write_parquet
 
 if TYPE_CHECKING:
     from after_ray.data.audio import AudioConfig
@@ -63,20 +63,14 @@ def csv_twin(path: str | Path) -> Path:
     return Path(path).with_suffix(".csv")
 
 
-def _atomic_write(path: Path, write) -> None:
-    # Temporary file + rename: a crash never leaves half a table for the next stage to read.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_quarantine(rows: pa.Table | Iterable[Mapping[str, Any]], path: str | Path) -> Path:
     """Write the table (possibly empty) as Parquet plus a ``.csv`` twin; returns the Parquet path."""
     table = quarantine_table(rows)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-    _atomic_write(csv_twin(path), lambda tmp: pacsv.write_csv(table, tmp))
+    atomic_write_parquet(table, path, what="the quarantine table")
+    atomic_write(
+        csv_twin(path), lambda handle: pacsv.write_csv(table, handle), what="the quarantine table"
+    )
     return path
 
 

@@ -37,9 +37,9 @@ from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.config.finetune import FinetuneConfig
 from after_ray.data.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
-from after_ray.errors import AfterRayError
+from after_ray.errors import AfterRayError, exception_chain
 from after_ray.faults import failpoint
-from after_ray.store.atomic import as_os_error, staged_directory, write_failure
+from after_ray.store.atomic import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +118,7 @@ def _fit(loop, loop_config: dict, *, name: str, storage_path, ray_cfg):
 
 def _user_facing_cause(error: BaseException) -> AfterRayError | None:
     """The first ``AfterRayError`` in ``error``'s chain or in Ray's per-worker failures."""
-    seen: set[int] = set()
-    pending: list[BaseException] = [error]
-    while pending:
-        exc = pending.pop(0)
-        if id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        if isinstance(exc, AfterRayError):
-            return exc
-        nested = [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
-        failures = getattr(exc, "worker_failures", None)
-        if isinstance(failures, dict):
-            nested.extend(failures.values())
-        pending.extend(e for e in nested if isinstance(e, BaseException))
-    return None
+    return next((e for e in exception_chain(error) if isinstance(e, AfterRayError)), None)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -187,20 +173,11 @@ class CheckpointWriter:
             done = self._complete()
             seq = int(done[-1].name) + 1 if done else 0
             final = self.root / f"{seq:06d}"
-            partial = self.root / f"{seq:06d}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            try:
-                partial.mkdir(parents=True)
+            # Built aside and renamed into place: the checkpoints already written stay as they
+            # are when this fails, and a resume starts from them.
+            with staged_directory(final, what="a training checkpoint") as staging:
                 for name, writer in files.items():
-                    writer(partial / name)
-                os.replace(partial, final)
-            except BaseException as exc:
-                # The checkpoints already written stay as they are; a resume starts from them.
-                shutil.rmtree(partial, ignore_errors=True)
-                os_error = as_os_error(exc)
-                if os_error is not None:
-                    raise write_failure(final, "a training checkpoint", os_error) from exc
-                raise
+                    writer(staging / name)
             checkpoint = Checkpoint.from_directory(str(final))
         ray.train.report(metrics, checkpoint=checkpoint)
         if self.rank == 0:
@@ -225,12 +202,8 @@ def tapt_worker_loop(loop_config: dict) -> dict:
     import torch
 
     from after_ray.models.backbones import load_backbone
-    from after_ray.training.tapt import (
-        load_tapt_state,
-        save_tapt_result,
-        save_tapt_state,
-        tapt_loop,
-    )
+    from after_ray.store.torch_state import load_training_state, save_training_state
+    from after_ray.training.tapt import save_tapt_result, tapt_loop
 
     faults.install(loop_config.get("faults"))
     tapt_cfg = TaptConfig(**loop_config["tapt"])
@@ -249,7 +222,7 @@ def tapt_worker_loop(loop_config: dict) -> dict:
             )
             return {"resumed_finished": True}
         if ckpt_dir is not None:
-            start_state = load_tapt_state(ckpt_dir / TAPT_STATE)
+            start_state = load_training_state(ckpt_dir / TAPT_STATE)
 
     device = _device()
     model = load_backbone(backbone_cfg, for_pretraining=True).to(device)
@@ -269,7 +242,7 @@ def tapt_worker_loop(loop_config: dict) -> dict:
     def on_checkpoint(step: int, state: dict) -> None:
         loss = state.get("loss_history", [float("nan")])
         metrics = {"step": step, "loss": float(loss[-1]) if loss else float("nan")}
-        writer.report(metrics, {TAPT_STATE: lambda path: save_tapt_state(state, path)})
+        writer.report(metrics, {TAPT_STATE: lambda path: save_training_state(state, path)})
         failpoint("tapt_checkpoint")
 
     def on_metrics(metrics: dict) -> None:
@@ -359,8 +332,8 @@ def finetune_worker_loop(loop_config: dict) -> dict:
 
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import load_classifier, save_classifier
+    from after_ray.store.torch_state import load_training_state, save_training_state
     from after_ray.training.finetune import build_classifier, finetune, make_cached_providers
-    from after_ray.training.tapt import load_tapt_state, save_tapt_state
 
     faults.install(loop_config.get("faults"))
     ft_cfg = FinetuneConfig(**loop_config["finetune"])
@@ -386,7 +359,7 @@ def finetune_worker_loop(loop_config: dict) -> dict:
             return summary
         start_state = None
         if ckpt_dir is not None and (ckpt_dir / FINETUNE_STATE).is_file():
-            start_state = load_tapt_state(ckpt_dir / FINETUNE_STATE)
+            start_state = load_training_state(ckpt_dir / FINETUNE_STATE)
 
     torch.manual_seed(ft_cfg.seed)
     if loop_config.get("warm_start_dir"):
@@ -441,7 +414,7 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         state = get_state() if rank == 0 else None
         writer.report(
             {"epoch": epoch, "val_ua": state["history"][-1]["val_ua"] if state else None},
-            {FINETUNE_STATE: lambda path: save_tapt_state(state, path)} if state else None,
+            {FINETUNE_STATE: lambda path: save_training_state(state, path)} if state else None,
         )
         failpoint("finetune_checkpoint")
 

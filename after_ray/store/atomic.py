@@ -9,8 +9,8 @@ be written, where, and that the previous state is still valid; other exceptions 
 errors) propagate unchanged after the clean-up.
 
 Temporary files are named ``.<name>.tmp-<pid>-<hex>``; :func:`is_temp_file` recognises them (and
-the ``.<name>.tmp-<pid>`` form ``manifest.write_manifest`` uses) so leftovers of a killed writer
-can be found and removed.
+the ``.<name>.tmp-<pid>`` form older versions wrote) so leftovers of a killed writer can be found
+and removed.
 """
 
 from __future__ import annotations
@@ -79,7 +79,20 @@ def write_failure(path: Path, what: str, exc: OSError) -> RunStateError:
     )
 
 
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: str | None) -> Path:
+def atomic_write(
+    path: str | Path,
+    write: Callable[[IO[bytes]], None],
+    *,
+    what: str | None = None,
+    disk_error: Callable[[BaseException], OSError | None] | None = None,
+) -> Path:
+    """Replace ``path`` with what ``write`` writes to a binary file handle, atomically.
+
+    The one atomic writer: every file of a run directory is written through it. ``what`` names
+    the content in error messages. ``disk_error`` says which failures count as I/O failures (to
+    become a ``RunStateError``): by default an ``OSError`` itself, or a library's wrapper that
+    names the errno; a serialiser that wraps the OSError deeper passes its own.
+    """
     path = Path(path)
     what = what or path.name
     tmp = temp_path_for(path)
@@ -97,8 +110,9 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: st
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(exc, OSError):
-            raise write_failure(path, what, exc) from exc
+        os_error = (disk_error or as_os_error)(exc)
+        if os_error is not None:
+            raise write_failure(path, what, os_error) from os_error
         raise
     fsync_dir(path.parent)
     return path
@@ -106,7 +120,7 @@ def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], what: st
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, what: str | None = None) -> Path:
     """Replace ``path`` with ``data`` atomically. ``what`` names the content in error messages."""
-    return _atomic_write(path, lambda handle: handle.write(data), what)
+    return atomic_write(path, lambda handle: handle.write(data), what=what)
 
 
 def atomic_write_text(
@@ -155,7 +169,7 @@ def atomic_write_parquet(table: Any, path: str | Path, *, what: str | None = Non
     """Write a ``pyarrow.Table`` to Parquet atomically."""
     import pyarrow.parquet as pq
 
-    return _atomic_write(path, lambda handle: pq.write_table(table, handle), what)
+    return atomic_write(path, lambda handle: pq.write_table(table, handle), what=what)
 
 
 # Writers implemented in Rust (safetensors) report an I/O failure as "... (os error 28)".

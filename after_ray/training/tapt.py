@@ -33,7 +33,6 @@ from torch import nn
 from transformers import Wav2Vec2ForPreTraining
 
 from after_ray.config.backbone import TaptConfig
-from after_ray.errors import RunStateError
 from after_ray.models.backbones import save_backbone, unwrap
 from after_ray.models.masking import compute_span_mask, derive_seed, generator_for, sample_negatives
 from after_ray.models.pretraining import (
@@ -45,7 +44,6 @@ from after_ray.models.pretraining import (
     resolve_feature_layer,
     wav2vec2_pretraining_loss,
 )
-from after_ray.store.atomic import fsync_dir, temp_path_for, write_failure
 
 # Independent random streams derived from (seed, rank, step, stream).
 _MASK_STREAM = 0
@@ -514,82 +512,3 @@ def save_tapt_result(
     )
 
 
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc``: torch's zip writer re-raises a failed ``write`` of the file
-    object as a RuntimeError ("unexpected pos ...") whose context is the OSError."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def save_tapt_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a TAPT (or fine-tuning) state dict atomically with ``torch.save``.
-
-    Written to a temporary file next to ``path`` (fsync'ed, then renamed over it), through a
-    Python file object so that an I/O failure keeps its errno. If anything fails the temporary
-    file is removed and ``path`` keeps the previous state; an I/O failure (disk full, file size
-    limit) becomes a ``RunStateError`` saying so, anything else propagates unchanged.
-    """
-    path = Path(path)
-    tmp = temp_path_for(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        # BaseException too: an interrupt mid-write must not leave a temporary file behind.
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        os_error = _os_error_in(exc)
-        if os_error is not None:
-            raise write_failure(path, "the training state", os_error) from os_error
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def load_tapt_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a state written by ``save_tapt_state`` (tensors and plain data only).
-
-    Nothing but tensors and plain containers is ever unpickled (``weights_only=True``). A
-    missing, truncated or foreign file is a ``RunStateError`` naming it.
-    """
-    path = Path(path)
-    # A checkpoint directory without a usable state cannot be resumed from; without it,
-    # resuming falls back to the checkpoint before it (or starts the stage again).
-    advice = (
-        f"delete the checkpoint directory {str(path.parent)!r} and run the same command again "
-        "to resume from the checkpoint before it"
-    )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunStateError(f"the training state {str(path)!r} is missing; {advice}") from None
-    except MemoryError:
-        raise
-    except Exception as exc:
-        # torch.load reports a bad file with whatever its layers raise: RuntimeError (truncated
-        # zip), UnpicklingError (a foreign or refused object), EOFError, ValueError, ...
-        if any(cls.__name__ == "UnpicklingError" for cls in type(exc).__mro__):
-            # Not quoted: torch's message suggests weights_only=False, i.e. running the pickle.
-            reason = "it holds objects other than tensors and plain data, refused unexecuted"
-        else:
-            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise RunStateError(
-            f"the training state {str(path)!r} is corrupt, truncated or not written by "
-            f"after-ray ({reason}); {advice}"
-        ) from None
-    if not isinstance(state, dict):
-        raise RunStateError(
-            f"the training state {str(path)!r} holds a {type(state).__name__}, not a state "
-            f"dict; {advice}"
-        )
-    return state

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from after_ray.errors import ConfigError, CorpusError
+from after_ray.store.atomic import atomic_write_text
 
 # Bump when a change to this module changes the audio, so older builds are not reused.
 FORMAT_VERSION = 2
@@ -586,7 +587,7 @@ def _worker_main(job_path: str) -> None:
     """Entry point of a speaker process: render one speaker, write its rows next to the job."""
     job_file = Path(job_path)
     rows = _render_speaker(_job_from_json(job_file.read_text()))
-    _write_atomic(
+    atomic_write_text(
         job_file.with_name(job_file.name.replace(".job.json", ".rows.json")), json.dumps(rows)
     )
 
@@ -790,12 +791,6 @@ def _clear_previous_build(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _csv_text(rows: list[dict[str, Any]], columns: list[str]) -> str:
     import io
 
@@ -855,7 +850,7 @@ def synthesize_corpus(
     out.mkdir(parents=True, exist_ok=True)
     speakers = speaker_table(n_speakers)
     # Written first with complete=false: an interrupted build is recognised as ours and redone.
-    _write_atomic(out / INFO_NAME, json.dumps({**identity, "complete": False}, indent=2))
+    atomic_write_text(out / INFO_NAME, json.dumps({**identity, "complete": False}, indent=2))
     parts_dir = out / _PARTS_DIR_NAME
     parts_dir.mkdir()
     jobs = [
@@ -881,10 +876,10 @@ def synthesize_corpus(
     for job in jobs:
         rows.extend(json.loads((parts_dir / f"{job.speaker.speaker_id}.rows.json").read_text()))
     shutil.rmtree(parts_dir)
-    _write_atomic(out / LABELS_NAME, _csv_text(rows, ["path", "label", "speaker", "gender"]))
+    atomic_write_text(out / LABELS_NAME, _csv_text(rows, ["path", "label", "speaker", "gender"]))
     render_columns = ["path", "label", "speaker", "gender", "voice", "duration_s"]
     render_columns += [*UtterancePlan.__dataclass_fields__, "limiter_scale"]
-    _write_atomic(out / RENDER_PARAMS_NAME, _csv_text(rows, render_columns))
+    atomic_write_text(out / RENDER_PARAMS_NAME, _csv_text(rows, render_columns))
     info = {
         **identity,
         "complete": True,
@@ -893,7 +888,7 @@ def synthesize_corpus(
         "speakers": [asdict(s) for s in speakers],
         "emotion_profiles": {e: list(emotion_profile(e, params["separation"])) for e in emotions},
     }
-    _write_atomic(out / INFO_NAME, json.dumps(info, indent=2))
+    atomic_write_text(out / INFO_NAME, json.dumps(info, indent=2))
     return out
 
 
