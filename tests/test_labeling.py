@@ -12,7 +12,8 @@ import pytest
 
 from after_ray.errors import LabelImportError, RunStateError
 from after_ray.pipeline.labeling import export_batch, import_labels
-from after_ray.store.run_state import LABELS_FILE, RunState
+from after_ray.store.layout import LABELS_FILE
+from after_ray.store.run_state import RunState
 
 CLASSES = ["neutral", "happy", "angry", "sad"]
 IDS = ["corpus/s1/a", "corpus/s1/b", "corpus/s2/c", "corpus/s2/d"]

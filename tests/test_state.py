@@ -18,13 +18,12 @@ import pytest
 
 from after_ray.errors import RunStateError
 from after_ray.store import atomic
+from after_ray.store.layout import LABELS_FILE, selection_path
 from after_ray.store.run_state import (
-    LABELS_FILE,
     SELECTION_META_KEY,
     SELECTION_SCHEMA,
     RunState,
     check_run_dir,
-    selection_path,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -29,8 +29,9 @@ import pytest
 
 import after_ray.store.run_state as state_module
 from after_ray.errors import RunStateError
-from after_ray.store import atomic
-from after_ray.store.run_state import LABELS_FILE, STATE_FILE, RunState, check_run_dir
+from after_ray.store import atomic, layout
+from after_ray.store.layout import LABELS_FILE, STATE_FILE
+from after_ray.store.run_state import RunState, check_run_dir
 
 IDS0 = [f"c/s{i % 3}/u{i:03d}" for i in range(6)]
 IDS1 = [f"c/s{i % 3}/v{i:03d}" for i in range(6)]
@@ -101,7 +102,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(run_dir)): p.read_bytes()
         for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and p.name != state_module.LOCK_FILE
+        if p.is_file() and p.name != layout.LOCK_FILE
     }
 
 

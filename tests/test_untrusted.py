@@ -30,7 +30,8 @@ import pytest
 
 from after_ray.errors import ConfigError, LabelImportError, RunStateError
 from after_ray.pipeline.labeling import import_labels
-from after_ray.store.run_state import LABELS_FILE, RunState
+from after_ray.store.layout import LABELS_FILE
+from after_ray.store.run_state import RunState
 
 PACKAGE = Path(__file__).resolve().parents[1] / "after_ray"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from after_ray.config.sections import Config
 from after_ray.pipeline.runner import run_active_learning, run_full_data
+from after_ray.store import layout
 
 
 def arm_configs(config: Config) -> dict[str, Config]:
@@ -52,11 +53,11 @@ def feature_baseline(config: Config, run_dir: Path, draws: int = 5) -> list[Path
     if len(existing) == draws:
         print(f"feature baseline: reusing {out_root}", flush=True)
         return [p.parent for p in existing]
-    table = manifest.read_manifest(run_dir / "manifest.parquet")
+    table = manifest.read_manifest(layout.manifest_path(run_dir))
     rows = table.to_pylist()
     fractions = []
     for r in list_rounds(run_dir):
-        metrics = run_dir / "rounds" / f"round_{r:03d}" / "metrics.json"
+        metrics = layout.round_metrics_path(run_dir, r)
         if metrics.is_file():
             fractions.append(json.loads(metrics.read_text())["labeled_fraction"])
     tick = time.perf_counter()

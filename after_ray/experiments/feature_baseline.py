@@ -30,6 +30,7 @@ import numpy as np
 
 from after_ray.data.audio import AudioConfig, decode, resample, to_mono
 from after_ray.metrics import classification_report
+from after_ray.store import layout
 from after_ray.store.atomic import atomic_write_json
 
 KIND = "feature_baseline"
@@ -170,7 +171,7 @@ def write_baseline_runs(
                 {"stage": "fit", "round": round_index, "seconds": time.perf_counter() - tick}
             )
             atomic_write_json(
-                run_dir / "rounds" / f"round_{round_index:03d}" / "metrics.json",
+                layout.round_metrics_path(run_dir, round_index),
                 {
                     "round": round_index,
                     "n_labeled": int(n),
@@ -182,7 +183,7 @@ def write_baseline_runs(
             )
         atomic_write_json(run_dir / "state.json", {"timings": timings})
         atomic_write_json(
-            run_dir / "run_info.json",
+            run_dir / layout.RUN_INFO_FILE,
             {
                 "kind": KIND,
                 "name": run_dir.name,

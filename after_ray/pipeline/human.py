@@ -13,6 +13,7 @@ from after_ray.config.sections import load_config
 from after_ray.data import manifest
 from after_ray.errors import RunStateError
 from after_ray.pipeline.labeling import export_batch, import_labels
+from after_ray.store import layout
 from after_ray.store.run_state import RunState
 
 
@@ -28,8 +29,8 @@ def _waiting_round(state: RunState, round_index: int | None) -> int:
 
 
 def _context(run_dir: Path):
-    config = load_config(run_dir / "config.yaml")
-    table = manifest.read_manifest(run_dir / "manifest.parquet")
+    config = load_config(run_dir / layout.CONFIG_FILE)
+    table = manifest.read_manifest(layout.manifest_path(run_dir))
     return config, table, manifest.class_names_of(table, config.corpus.classes)
 
 
@@ -39,7 +40,7 @@ def export_pending(run_dir: Path, *, round_index: int | None = None) -> tuple[Pa
     with RunState.open(run_dir, create=False) as state:
         r = _waiting_round(state, round_index)
         pending = [rows[u] for u in state.pending_ids(r)]
-        return export_batch(state, r, pending, class_names, run_dir / "labeling")
+        return export_batch(state, r, pending, class_names, run_dir / layout.LABELING_DIR)
 
 
 def import_answers(run_dir: Path, file: Path, *, round_index: int | None = None) -> list[dict]:

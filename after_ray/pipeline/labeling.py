@@ -33,7 +33,8 @@ from xml.sax.saxutils import quoteattr
 from after_ray.al.oracle import majority_label
 from after_ray.errors import LabelImportError, RunStateError
 from after_ray.store.atomic import atomic_write_json, atomic_write_text
-from after_ray.store.run_state import RunState, label_identity, read_selection, round_dir_name
+from after_ray.store.layout import round_dir_name
+from after_ray.store.run_state import RunState, label_identity, read_selection
 
 logger = logging.getLogger(__name__)
 

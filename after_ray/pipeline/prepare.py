@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from after_ray.config.sections import Config, CorpusConfig
@@ -27,12 +26,10 @@ from after_ray.data.corpora import load_corpus
 from after_ray.data.corpora.labels import apply_label_map, resolve_label_map
 from after_ray.data.quarantine import summary_line, write_quarantine
 from after_ray.errors import CorpusError
+from after_ray.store import layout
 from after_ray.store.atomic import staged_directory
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
 
 
 @dataclass
@@ -118,8 +115,8 @@ def prepare(config: Config) -> PrepareResult:
             (staging / PROBE_DONE).write_text("{}")
     good_rows = splits.assign_splits(good.to_pylist(), config.corpus.split)
     table = manifest.rows_to_table(good_rows)
-    manifest_path = manifest.write_manifest(table, run_dir / MANIFEST_FILE)
-    quarantine_path = write_quarantine(quarantined, run_dir / QUARANTINE_FILE)
+    manifest_path = manifest.write_manifest(table, layout.manifest_path(run_dir))
+    quarantine_path = write_quarantine(quarantined, run_dir / layout.QUARANTINE_FILE)
     summary = summary_line(quarantined.num_rows, len(rows), quarantine_path)
     log.info(summary)
     return PrepareResult(
@@ -151,11 +148,3 @@ def _probe_cache_dir(config: Config, rows: list[dict[str, Any]]) -> Path:
         )
         digest.update(payload.encode())
     return Path(config.run.output_dir).resolve() / PROBE_CACHE_DIR / digest.hexdigest()[:20]
-
-
-def manifest_path(config: Config) -> Path:
-    return config.run_dir / MANIFEST_FILE
-
-
-def load_prepared(config: Config) -> pa.Table:
-    return manifest.read_manifest(manifest_path(config))

@@ -31,12 +31,12 @@ from after_ray.data import manifest
 from after_ray.errors import RunStateError
 from after_ray.faults import failpoint
 from after_ray.metrics import classification_report
+from after_ray.store import layout
 from after_ray.store.atomic import atomic_write_json, atomic_write_text
 from after_ray.store.run_state import RunState
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "run_info.json"
 # The TAPT loss of every step, written beside the TAPT model in its cache directory.
 TAPT_LOSSES_FILE = "tapt_losses.json"
 
@@ -73,7 +73,7 @@ def _stable_hash(payload: Any) -> str:
 
 
 def _storage_path(config: Config) -> str:
-    return config.run.storage_path or str((config.run_dir / "ray").resolve())
+    return config.run.storage_path or str((config.run_dir / layout.RAY_STORAGE_DIR).resolve())
 
 
 def _elapsed(state: RunState) -> float:
@@ -174,7 +174,7 @@ def _usable_model(model_dir: str | Path) -> bool:
 
 def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names) -> Path:
     """A classifier around the TAPT backbone (random head) for the cold-start embeddings."""
-    path = config.run_dir / "embed_model"
+    path = config.run_dir / layout.EMBED_MODEL_DIR
     if not _usable_model(path):
         import torch
 
@@ -208,7 +208,7 @@ def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_ind
             ray_cfg=config.ray,
             mc_samples=config.al.mc_dropout_samples,
             seed=config.run.seed,
-            cache_root=config.run_dir / "scores" / tag,
+            cache_root=config.run_dir / layout.SCORES_DIR / tag,
         )
 
 
@@ -250,9 +250,8 @@ def _without_lost_files(config: Config, pool_rows: list[dict], scores) -> list[d
     if not lost:
         return pool_rows
     from after_ray.data.quarantine import csv_twin, quarantine_lost_files
-    from after_ray.pipeline.prepare import QUARANTINE_FILE
 
-    table_path = config.run_dir / QUARANTINE_FILE
+    table_path = config.run_dir / layout.QUARANTINE_FILE
     quarantine_lost_files(lost, config.audio, table_path)
     print(
         f"quarantine: {len(lost)} pool files broke since prepare and are left out "
@@ -324,7 +323,7 @@ def _acquire_labels(
     if config.al.oracle.kind == "human":
         from after_ray.pipeline.labeling import export_batch
 
-        out_dir = config.run_dir / "labeling"
+        out_dir = config.run_dir / layout.LABELING_DIR
         csv_path, tasks_path = export_batch(
             state, round_index, [rows_by_utt[u] for u in pending], class_names, out_dir
         )
@@ -372,7 +371,7 @@ def _finetune_round(
     warm = None
     if ft_cfg.init == "warm" and round_index > 0:
         warm = state.checkpoint(round_index - 1)
-    out_dir = (config.run_dir / "rounds" / f"round_{round_index:03d}" / "model").resolve()
+    out_dir = layout.round_model_dir(config.run_dir, round_index).resolve()
     if features is not None:  # finetune.mode: head
         from after_ray.pipeline.head_rounds import train_round_head
 
@@ -474,9 +473,9 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunState.open(run_dir) as state:
         state.ensure_experiment(_identity(config, kind))
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())
         stage_prepare(config, state)
-        table = manifest.read_manifest(run_dir / "manifest.parquet")
+        table = manifest.read_manifest(layout.manifest_path(run_dir))
         rows = table.to_pylist()
         pool_rows = [r for r in rows if r["split"] == "train"]
         val_rows = [r for r in rows if r["split"] == "val" and r["label"] is not None]
@@ -566,7 +565,7 @@ def _head_mode_scores(
 
 
 def _write_run_info(config: Config, kind: str, pool_size: int, class_names) -> None:
-    path = config.run_dir / RUN_INFO
+    path = config.run_dir / layout.RUN_INFO_FILE
     if path.is_file():
         return
     atomic_write_json(
@@ -607,9 +606,9 @@ def run_full_data(config: Config) -> RunOutcome:
 # ------------------------------------------------------------------- single stages for the CLI
 def _open_prepared(config: Config, state: RunState):
     state.ensure_experiment(_identity(config, "al"))
-    atomic_write_text(config.run_dir / "config.yaml", config.to_yaml())
+    atomic_write_text(config.run_dir / layout.CONFIG_FILE, config.to_yaml())
     stage_prepare(config, state)
-    table = manifest.read_manifest(config.run_dir / "manifest.parquet")
+    table = manifest.read_manifest(layout.manifest_path(config.run_dir))
     return table, table.to_pylist()
 
 
@@ -655,7 +654,7 @@ def score_with_model(config: Config, model_dir: str, *, split: str = "train") ->
         scores = _score(config, state, model_dir, chosen, split, None)
     print(f"scored {len(scores.utt_ids)} utterances of split {split!r}")
     key = cache_key(model_dir, config.al.mc_dropout_samples, config.run.seed, config.audio)
-    return config.run_dir / "scores" / split / key
+    return config.run_dir / layout.SCORES_DIR / split / key
 
 
 def export_round_model(run_dir: Path, out_dir: str, *, round_index: int | None = None) -> Path:
@@ -667,12 +666,12 @@ def export_round_model(run_dir: Path, out_dir: str, *, round_index: int | None =
     rounds = [
         r
         for r in list_rounds(run_dir)
-        if (run_dir / "rounds" / f"round_{r:03d}" / "model" / "classifier.json").is_file()
+        if (layout.round_model_dir(run_dir, r) / "classifier.json").is_file()
     ]
     if not rounds:
         raise RunStateError(f"{run_dir} has no trained round yet: run `after-ray run` first")
     chosen = rounds[-1] if round_index is None else round_index
     if chosen not in rounds:
         raise RunStateError(f"round {chosen} of {run_dir} has no model; trained rounds: {rounds}")
-    model, class_names = load_classifier(run_dir / "rounds" / f"round_{chosen:03d}" / "model")
+    model, class_names = load_classifier(layout.round_model_dir(run_dir, chosen))
     return export_hf(model, class_names, out_dir)

@@ -67,18 +67,22 @@ from after_ray.store.atomic import (
     to_jsonable,
     write_failure,
 )
+from after_ray.store.layout import (
+    LABELS_FILE,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    ROUND_DIR_NAME,
+    ROUNDS_DIR,
+    STATE_FILE,
+    round_dir,
+    round_metrics_path,
+    selection_path,
+)
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-LOCK_FILE = "run.lock"
-STATE_FILE = "state.json"
-LABELS_FILE = "labels.jsonl"
-MANIFEST_FILE = "manifest.parquet"
-ROUNDS_DIR = "rounds"
-SELECTION_FILE = "selection.parquet"
-METRICS_FILE = "metrics.json"
-ROUND_DIR_NAME = re.compile(r"^round_(\d{3,})$")
 
 SELECTION_SCHEMA = pa.schema(
     [
@@ -95,10 +99,6 @@ LABEL_IDENTITY = ("utt_id", "label", "votes", "round", "source", "annotator")
 # state.json stage-info keys whose string values name files or directories; ``check`` verifies
 # that they exist (relative values are relative to the run directory; URIs are not checked).
 _PATH_KEY = re.compile(r"^(path|checkpoint|.*_(path|dir|file|checkpoint))$")
-
-
-def round_dir_name(round_index: int) -> str:
-    return f"round_{round_index:03d}"
 
 
 def now_iso() -> str:
@@ -177,10 +177,6 @@ def label_identity(entry: Mapping[str, Any]) -> tuple:
 
 
 # --------------------------------------------------------------------------- selections
-
-
-def selection_path(run_dir: str | Path, round_index: int) -> Path:
-    return Path(run_dir) / ROUNDS_DIR / round_dir_name(round_index) / SELECTION_FILE
 
 
 def read_selection_table(run_dir: str | Path, round_index: int) -> pa.Table | None:
@@ -477,7 +473,7 @@ class RunState:
     # ---------------------------------------------------------------- selections
 
     def round_dir(self, round_index: int) -> Path:
-        return self.run_dir / ROUNDS_DIR / round_dir_name(round_index)
+        return round_dir(self.run_dir, round_index)
 
     def rounds(self) -> list[int]:
         return list_rounds(self.run_dir)
@@ -887,7 +883,7 @@ def _lock_message(run_dir: Path, holder: Mapping[str, Any]) -> str:
 
 def _temp_files(run_dir: Path) -> list[Path]:
     """Leftover atomic-write temp files in the run dir and its round directories."""
-    places = [run_dir] + [run_dir / ROUNDS_DIR / round_dir_name(r) for r in list_rounds(run_dir)]
+    places = [run_dir] + [round_dir(run_dir, r) for r in list_rounds(run_dir)]
     found = []
     for place in places:
         if place.is_dir():
@@ -1047,7 +1043,7 @@ def check_run_dir(run_dir: str | Path) -> list[str]:
                     "the round directory and re-run the round"
                 )
         try:
-            _read_json_file(run_dir / ROUNDS_DIR / round_dir_name(r) / METRICS_FILE)
+            _read_json_file(round_metrics_path(run_dir, r))
         except RunStateError as exc:
             problems.append(str(exc))
 
