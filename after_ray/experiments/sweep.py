@@ -614,7 +614,7 @@ def default_max_concurrent(
 
 # ------------------------------------------------------------------------ the Tune trial
 def _round_metrics_path(run_dir: Path, round_index: int) -> Path:
-    from after_ray.store.run_state import METRICS_FILE, ROUNDS_DIR, round_dir_name
+    from after_ray.store.layout import METRICS_FILE, ROUNDS_DIR, round_dir_name
 
     return run_dir / ROUNDS_DIR / round_dir_name(round_index) / METRICS_FILE
 

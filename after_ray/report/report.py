@@ -60,15 +60,14 @@ import numpy as np
 from after_ray.errors import RunStateError
 from after_ray.report import figures as plots
 from after_ray.store.atomic import atomic_write_json, atomic_write_text
-from after_ray.store.run_state import (
+from after_ray.store.layout import (
     LABELS_FILE,
     METRICS_FILE,
     ROUNDS_DIR,
     STATE_FILE,
-    list_rounds,
-    read_labels_file,
     round_dir_name,
 )
+from after_ray.store.run_state import list_rounds, read_labels_file
 
 logger = logging.getLogger(__name__)
 
