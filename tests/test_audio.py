@@ -26,7 +26,6 @@ from after_ray.data.audio import (
     normalize,
     probe_file,
     resample,
-    row_rng,
     to_mono,
 )
 from after_ray.data.quarantine import (
@@ -36,6 +35,7 @@ from after_ray.data.quarantine import (
     summary_line,
     write_quarantine,
 )
+from after_ray.seeding import utterance_epoch_rng
 
 CFG = AudioConfig()
 
@@ -264,7 +264,7 @@ def test_crop_or_pad_shapes_and_determinism():
 
 def test_row_rng_depends_on_seed_epoch_and_id_only():
     def draw(*key):
-        return row_rng(*key).integers(0, 2**31, 4).tolist()
+        return utterance_epoch_rng(*key).integers(0, 2**31, 4).tolist()
 
     assert draw(0, 0, "a/1") == draw(0, 0, "a/1")
     assert draw(0, 0, "a/1") != draw(0, 1, "a/1")

@@ -22,21 +22,15 @@ simulated: that needs people (``al.oracle.kind: human``, see ``after_ray.pipelin
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from after_ray.errors import ConfigError, CorpusError
+from after_ray.seeding import annotator_rng
 
 SOURCE = "simulated"
-
-
-def item_rng(seed: int, utt_id: str) -> np.random.Generator:
-    """A generator that depends only on (seed, utt_id): stable across batches and processes."""
-    digest = hashlib.blake2b(f"{int(seed)}\x1f{utt_id}".encode(), digest_size=16).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
 def majority_label(votes: Sequence[str], class_names: Sequence[str], prefer: str | None) -> str:
@@ -143,7 +137,7 @@ class SimulatedOracle:
         return np.where(flip, (answers + offsets) % n_classes, answers)
 
     def _answer(self, utt_id: str, round_index: int) -> dict[str, Any]:
-        rng = item_rng(self.seed, utt_id)
+        rng = annotator_rng(self.seed, utt_id)
         hard = self._hard_label(utt_id)
         recorded = self._recorded_votes(utt_id)
         names = self.class_names

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from after_ray.data.audio import AudioConfig, load_for_model, row_rng
+from after_ray.data.audio import AudioConfig, load_for_model
+from after_ray.seeding import utterance_epoch_rng
 
 SEED = 0
 
@@ -49,7 +50,9 @@ def write_bench_files(
 def _plain_loop(rows: list[dict[str, Any]], cfg: AudioConfig) -> dict[str, float]:
     sums = {}
     for row in rows:
-        (piece,) = load_for_model(row["path"], cfg, "train", row_rng(SEED, 0, row["utt_id"]))
+        (piece,) = load_for_model(
+            row["path"], cfg, "train", utterance_epoch_rng(SEED, 0, row["utt_id"])
+        )
         sums[row["utt_id"]] = float(np.sum(piece, dtype=np.float64))
     return sums
 

@@ -38,7 +38,6 @@ rate in bounds (resampled to ``sample_rate``), files up to ``max_duration_s`` (s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -522,17 +521,6 @@ def chunk(x: np.ndarray, n: int) -> list[np.ndarray]:
     if len(x) <= n:
         return [x]
     return np.array_split(x, math.ceil(len(x) / n))
-
-
-def row_rng(seed: int, epoch: int | None, utt_id: str) -> np.random.Generator:
-    """The random stream for one utterance in one epoch: same inputs, same crop, on any worker.
-
-    ``epoch=None`` gives fresh OS entropy (different every time, not reproducible).
-    """
-    if epoch is None:
-        return np.random.default_rng()
-    key = int.from_bytes(hashlib.blake2b(utt_id.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch) & 0xFFFFFFFF, key])
 
 
 def load_for_model(

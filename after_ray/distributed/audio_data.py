@@ -36,10 +36,10 @@ from after_ray.data.audio import (
     Mode,
     load_for_model,
     probe_file,
-    row_rng,
 )
 from after_ray.data.manifest import MANIFEST_SCHEMA
 from after_ray.data.quarantine import QUARANTINE_SCHEMA
+from after_ray.seeding import utterance_epoch_rng
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def decode_batch(
         )
     for i, (utt_id, path) in enumerate(zip(utt_ids, batch["path"], strict=True)):
         try:
-            pieces = load_for_model(str(path), cfg, mode, row_rng(seed, epoch, utt_id))
+            pieces = load_for_model(str(path), cfg, mode, utterance_epoch_rng(seed, epoch, utt_id))
         except AudioProblem as exc:
             log.warning("dropped %s at load: %s: %s", utt_id, exc.reason, exc.detail)
             continue

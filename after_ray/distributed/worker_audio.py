@@ -29,10 +29,10 @@ from after_ray.data.audio import (
     decode,
     normalize,
     resample,
-    row_rng,
     to_mono,
 )
 from after_ray.distributed.audio_data import PadCollate, audio_dataset, in_order, label_targets
+from after_ray.seeding import utterance_epoch_rng
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,12 @@ class InMemoryAudio:
             idx = [int(i) for i in order[start : start + batch_size]]
             pieces = [
                 self._normalised(
-                    crop(self.audio[i], n, "random", row_rng(seed, epoch, self.utt_ids[i]))
+                    crop(
+                        self.audio[i],
+                        n,
+                        "random",
+                        utterance_epoch_rng(seed, epoch, self.utt_ids[i]),
+                    )
                 )
                 for i in idx
             ]

@@ -15,16 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integers (e.g. run seed, worker rank, step, stream)."""
-    state = np.random.SeedSequence([int(k) & 0xFFFFFFFFFFFFFFFF for k in keys])
-    return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+from after_ray.seeding import seedsequence_seed
 
 
 def generator_for(*keys: int) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded from ``derive_seed(*keys)``."""
-    return torch.Generator(device="cpu").manual_seed(derive_seed(*keys))
+    """A CPU ``torch.Generator`` seeded from ``seedsequence_seed(*keys)``."""
+    return torch.Generator(device="cpu").manual_seed(seedsequence_seed(*keys))
 
 
 def compute_span_mask(

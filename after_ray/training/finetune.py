@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -41,6 +40,7 @@ from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError
 from after_ray.metrics import classification_report
 from after_ray.models.classifier import SERClassifier, SpecAugment
+from after_ray.seeding import blake2b_seed
 from after_ray.store.atomic import to_jsonable
 
 Batch = dict[str, Any]
@@ -72,14 +72,6 @@ def build_classifier(backbone: nn.Module, n_classes: int, cfg: FinetuneConfig) -
     elif cfg.freeze_feature_encoder is False:
         model.unfreeze_feature_encoder()
     return model
-
-
-# ------------------------------------------------------------------------------ seeds / hashing
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from (seed, epoch, utt_id, ...) that does not depend on the process
-    (Python's ``hash`` of a str is salted per process)."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 # ------------------------------------------------------------------------------- loss / weights
@@ -169,7 +161,7 @@ def batch_targets(
         if not bool(labeled[row]):
             continue
         probs = distribution[row].double().numpy()
-        rng = np.random.default_rng(derive_seed(seed, epoch, utt_id))
+        rng = np.random.default_rng(blake2b_seed(seed, epoch, utt_id))
         sampled[row, int(rng.choice(n_classes, p=probs / probs.sum()))] = 1.0
     return sampled, labeled
 
@@ -255,7 +247,7 @@ class CachedFeatureBatches:
     def __call__(self, epoch: int = 0) -> Iterator[Batch]:
         order = list(self.utt_ids)
         if self.shuffle:
-            rng = np.random.default_rng(derive_seed(self.seed, epoch, "order"))
+            rng = np.random.default_rng(blake2b_seed(self.seed, epoch, "order"))
             order = [order[i] for i in rng.permutation(len(order))]
         for start in range(0, len(order), self.batch_size):
             yield self._batch(order[start : start + self.batch_size], epoch)
@@ -263,7 +255,7 @@ class CachedFeatureBatches:
     def _crop(self, utt_id: str, features: torch.Tensor, epoch: int) -> torch.Tensor:
         if self.crop_frames is None or features.shape[0] <= self.crop_frames:
             return features
-        rng = np.random.default_rng(derive_seed(self.seed, epoch, utt_id, "crop"))
+        rng = np.random.default_rng(blake2b_seed(self.seed, epoch, utt_id, "crop"))
         offset = int(rng.integers(0, features.shape[0] - self.crop_frames + 1))
         return features[offset : offset + self.crop_frames]
 
@@ -575,7 +567,7 @@ def finetune(
         first_epoch = int(start_state["next_epoch"])
     for epoch in range(first_epoch, cfg.epochs):
         # Reseed per epoch: dropout and SpecAugment draws then depend on (seed, epoch) only.
-        torch.manual_seed(derive_seed(cfg.seed, epoch, "torch"))
+        torch.manual_seed(blake2b_seed(cfg.seed, epoch, "torch"))
         tick = time.perf_counter()
         train_loss = train_one_epoch(
             model,
@@ -703,7 +695,7 @@ def benchmark_finetune_epoch(
     fastest = dict.fromkeys(arms, math.inf)
     for repeat in range(max(1, repeats)):
         for name, (arm_model, arm_batches) in arms.items():
-            torch.manual_seed(derive_seed(cfg.seed, repeat))
+            torch.manual_seed(blake2b_seed(cfg.seed, repeat))
             tick = time.perf_counter()
             for epoch in range(epochs):
                 train_one_epoch(

@@ -28,7 +28,8 @@ import torch
 
 from after_ray.metrics import classification_report
 from after_ray.models.classifier import SERClassifier
-from after_ray.training.finetune import class_weights_from_counts, derive_seed
+from after_ray.seeding import blake2b_seed
+from after_ray.training.finetune import class_weights_from_counts
 
 # L-BFGS stops after this many iterations per L2 value (converged long before on these sizes).
 LBFGS_MAX_ITER = 200
@@ -135,7 +136,7 @@ def fit_head(
         # A continuation path: strongest L2 first from the seeded initialisation, then each
         # weaker L2 starts from the previous optimum. Each objective is strictly convex, so the
         # optimum is the same as from scratch (to L-BFGS's tolerance), in fewer iterations.
-        _reset_head(model, derive_seed(seed, "head"))
+        _reset_head(model, blake2b_seed(seed, "head"))
         for l2 in sorted(l2_grid, reverse=True):
             loss = _fit_one(model, standardised, targets, class_weights, float(l2))
             with torch.no_grad():
@@ -172,7 +173,7 @@ def head_outputs(
     samples = []
     if mc_samples:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "mc-dropout"))
+            torch.manual_seed(blake2b_seed(seed, "mc-dropout"))
             model.dropout.train()
             try:
                 for _ in range(mc_samples):

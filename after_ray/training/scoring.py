@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from after_ray.models.classifier import SERClassifier
-from after_ray.training.finetune import derive_seed, model_inputs
+from after_ray.seeding import blake2b_seed
+from after_ray.training.finetune import model_inputs
 
 SCORE_KEYS = ("probs", "embedding", "penultimate", "mc_probs")
 
@@ -79,7 +80,7 @@ def score_batch(
         devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
         # fork_rng: the seeded draws leave the caller's random state untouched.
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(derive_seed(seed, "mc-dropout"))
+            torch.manual_seed(blake2b_seed(seed, "mc-dropout"))
             _set_dropout_only_train(model)
             try:
                 for _ in range(mc_samples):

@@ -34,7 +34,7 @@ from transformers import Wav2Vec2ForPreTraining
 
 from after_ray.config.backbone import TaptConfig
 from after_ray.models.backbones import save_backbone, unwrap
-from after_ray.models.masking import compute_span_mask, derive_seed, generator_for, sample_negatives
+from after_ray.models.masking import compute_span_mask, generator_for, sample_negatives
 from after_ray.models.pretraining import (
     ClusterTargets,
     MaskedPredictionHead,
@@ -44,6 +44,7 @@ from after_ray.models.pretraining import (
     resolve_feature_layer,
     wav2vec2_pretraining_loss,
 )
+from after_ray.seeding import seedsequence_seed
 
 # Independent random streams derived from (seed, rank, step, stream).
 _MASK_STREAM = 0
@@ -273,7 +274,7 @@ def _prepare_masked_prediction(
             [_batch_to_device(b, device) for b in kmeans_batches],
             layer,
             cfg.hubert_num_clusters,
-            derive_seed(cfg.seed, _KMEANS_STREAM),
+            seedsequence_seed(cfg.seed, _KMEANS_STREAM),
             iters=cfg.hubert_kmeans_iters,
             max_frames=cfg.hubert_kmeans_max_frames,
         )
@@ -284,7 +285,7 @@ def _prepare_masked_prediction(
     targets.to(device)
     # Same initial head on every rank (the seed does not depend on the rank).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, _HEAD_INIT_STREAM))
+        torch.manual_seed(seedsequence_seed(cfg.seed, _HEAD_INIT_STREAM))
         head = MaskedPredictionHead(
             core.config.hidden_size,
             cfg.hubert_num_clusters,
@@ -406,7 +407,7 @@ def tapt_loop(
                 continue
             empty_in_a_row = 0
             with _rng_fork(device):
-                torch.manual_seed(derive_seed(cfg.seed, rank, state.step, _TORCH_STREAM))
+                torch.manual_seed(seedsequence_seed(cfg.seed, rank, state.step, _TORCH_STREAM))
                 with autocast:
                     if objective == "wav2vec2":
                         negatives = sample_negatives(mask, lengths, cfg.num_negatives, generator)
@@ -510,5 +511,3 @@ def save_tapt_result(
     return save_backbone(
         unwrap(model), out_dir, sampling_rate=sampling_rate, what="the TAPT-adapted backbone"
     )
-
-

@@ -49,6 +49,7 @@ from after_ray.al.strategies.base import (
     distance_embeddings,
     l2_normalize,
 )
+from after_ray.seeding import kmeans_restart_seed
 
 
 def kmeans_inertia(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> float:
@@ -83,8 +84,8 @@ def best_kmeans(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """The lowest-inertia of ``n_init`` k-means runs: ``(centroids, assignment, inertia)``.
 
-    Run ``i`` uses seed ``(seed * n_init + i) mod 2**31`` (disjoint seeds for different
-    ``seed``s); equal inertia: the earlier run. One random start often lands in a poor local
+    Run ``i`` uses seed ``seeding.kmeans_restart_seed(seed, n_init, i)`` (disjoint seeds for
+    different ``seed``s); equal inertia: the earlier run. One random start often lands in a poor local
     optimum (two blobs merged, one split), which would put a false elbow in the curve.
     """
     from after_ray.al.kernels.clustering import kmeans
@@ -95,7 +96,9 @@ def best_kmeans(
         return centroids, assignment, kmeans_inertia(x, centroids, assignment)
     best = None
     for i in range(n_init):
-        centroids, assignment = kmeans(x, n_clusters, seed=(seed * n_init + i) % 2**31, niter=niter)
+        centroids, assignment = kmeans(
+            x, n_clusters, seed=kmeans_restart_seed(seed, n_init, i), niter=niter
+        )
         centroids = np.asarray(centroids)
         assignment = np.asarray(assignment, dtype=np.int64)
         inertia = kmeans_inertia(x, centroids, assignment)
