@@ -119,7 +119,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from after_ray.report.report import discover_run_dirs, write_report
+    from after_ray.report.load import discover_run_dirs
+    from after_ray.report.render import write_report
 
     run_dirs = discover_run_dirs([Path(d) for d in args.run_dirs])
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "report"

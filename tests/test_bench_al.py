@@ -64,7 +64,7 @@ def test_bench_arms_refuse_unknown_strategies_and_a_missing_baseline(tmp_path):
 
 
 def test_compare_outcomes_finds_every_changed_metric_and_selection():
-    from after_ray.report.report import compare_outcomes
+    from after_ray.report.render import compare_outcomes
 
     report = {
         "runs": [

@@ -15,7 +15,8 @@ from after_ray.experiments.feature_baseline import (
     utterance_features,
     write_baseline_runs,
 )
-from after_ray.report.report import aggregate, load_run
+from after_ray.report.aggregate import aggregate
+from after_ray.report.load import load_run
 
 CLASSES = ["low", "mid", "high"]
 PITCH = {"low": 120.0, "mid": 220.0, "high": 350.0}

@@ -19,16 +19,10 @@ import pytest
 
 from after_ray.errors import RunStateError
 from after_ray.report import figures as plots
-from after_ray.report.report import (
-    FIGURES,
-    aggregate,
-    area_under_curve,
-    build_report,
-    discover_run_dirs,
-    load_run,
-    report_json,
-    write_report,
-)
+from after_ray.report.aggregate import aggregate, area_under_curve, build_report
+from after_ray.report.figures import FIGURES
+from after_ray.report.load import discover_run_dirs, load_run
+from after_ray.report.render import report_json, write_report
 from after_ray.store.run_state import SELECTION_SCHEMA
 
 CLASSES = ["neutral", "happy", "angry", "sad"]

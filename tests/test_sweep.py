@@ -190,7 +190,8 @@ def test_report_groups_keep_non_seed_axes_apart_and_a_changed_resume_is_refused(
         _tag_run_info,
         plan_trials,
     )
-    from after_ray.report.report import aggregate, load_run
+    from after_ray.report.aggregate import aggregate
+    from after_ray.report.load import load_run
 
     base = config_from_dict({"run": {"output_dir": str(tmp_path)}})
     spec = SweepSpec(axes={"finetune.lr": [1e-4, 1e-3], "run.seed": [0, 1]})

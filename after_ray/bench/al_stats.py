@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from after_ray.report.report import FULL_DATA_KIND, RunSummary, area_under_curve, load_run
+from after_ray.report.aggregate import area_under_curve
+from after_ray.report.load import FULL_DATA_KIND, RunSummary, load_run
 from after_ray.store.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)

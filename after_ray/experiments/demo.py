@@ -104,7 +104,7 @@ def run_demo(config: Config, *, seeds: int = DEMO_SEEDS) -> Path:
         full_dirs.append(run_full_data(seeded).run_dir)
     print("\n=== feature baseline (logistic regression, 5 random draws) ===", flush=True)
     baseline_dirs = feature_baseline(config, run_dirs[0])
-    from after_ray.report.report import write_report
+    from after_ray.report.render import write_report
 
     out_dir = Path(config.run.output_dir) / f"{config.run.name}-report"
     report = write_report(
@@ -129,7 +129,7 @@ def _compare_with_committed(config: Config, report_json: Path) -> None:
     import json
 
     from after_ray.config.sections import load_config
-    from after_ray.report.report import compare_outcomes
+    from after_ray.report.render import compare_outcomes
 
     if not COMMITTED_REPORT.is_file() or not report_json.is_file():
         return

@@ -6,7 +6,7 @@ What a sweep is
     1]}``. Every combination is one trial, and every trial is one ordinary, resumable AL run
     (``run_active_learning``) in ``<run.output_dir>/<sweep name>/<trial name>``, where the trial
     name is built from the overrides (``strategy=after,seed=0``). Afterwards the runs are
-    aggregated by ``after_ray.report.report.write_report`` into ``<sweep dir>/report``: mean and std over
+    aggregated by ``after_ray.report.render.write_report`` into ``<sweep dir>/report``: mean and std over
     seeds at every labeled fraction, AULC, time, the table and the learning curves with bands.
 
 Layout of ``<run.output_dir>/<sweep name>/``::
@@ -94,7 +94,7 @@ from ray.tune.result import DONE
 from after_ray import faults
 from after_ray.config.sections import Config, apply_overrides, config_from_dict
 from after_ray.errors import AfterRayError, ConfigError, RunStateError
-from after_ray.store.atomic import atomic_write_json, atomic_write_text
+from after_ray.store.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,9 @@ def validate_axes(base: Config, axes: dict[str, list[Any]]) -> None:
                     strategy_params(value)  # the name exists (its parameters: per trial)
             except ConfigError as exc:
                 raise ConfigError(
-                    f"sweep axis {key!r}, value {value!r}: {_problems_text(exc)}"
+                    # The axis already names the key; a problem of that key is not named twice.
+                    f"sweep axis {key!r}, value {value!r}: "
+                    f"{_problems_text(exc).removeprefix(f'{key}: ')}"
                 ) from None
 
 
@@ -915,7 +917,7 @@ def run_sweep(
     from ray.tune.logger import TBXLoggerCallback
 
     from after_ray.distributed.session import ensure_ray
-    from after_ray.report.report import write_report
+    from after_ray.report.render import write_report
 
     _check_name(name)
     spec.check_resources()
@@ -1018,9 +1020,12 @@ def run_sweep(
     reportable = [p.run_dir for p in plans if (p.run_dir / RUN_INFO_FILE).is_file()]
     if reportable:
         report_path = write_report(
-            reportable, sweep_dir / REPORT_DIR, title=f"Sweep {name}: {_axes_text(spec)}"
+            reportable,
+            sweep_dir / REPORT_DIR,
+            title=f"Sweep {name}: {_axes_text(spec)}",
+            failed_trials=_failed_trials(trials),
+            trial_retries=MAX_TRIAL_FAILURES,
         )
-        _note_failed_trials(report_path, [t for t in trials if t.error])
     return SweepResult(
         name=name,
         sweep_dir=sweep_dir,
@@ -1091,50 +1096,20 @@ def _one_line_trial_errors() -> Iterator[None]:
         logger.removeFilter(one_line)
 
 
-def _note_failed_trials(report_path: Path, failed: list[TrialOutcome]) -> None:
-    """Say in the sweep report which trials failed and why: without this, a failed trial's
-    curve just stops early (or, with no evaluated round, is missing) with no explanation."""
-    from after_ray.report.report import REPORT_JSON
-
-    if not failed:
-        return
-    lines = [
-        "",
-        "## Failed trials",
-        "",
-        f"{len(failed)} trial(s) failed (each retried {_RETRIES_TEXT} first); the table above "
-        "and the sections below show them up to their last evaluated round, if any. Resuming "
-        "the sweep (the same command) runs them again from their run directories.",
-        "",
+def _failed_trials(trials: list[TrialOutcome]) -> list[dict[str, Any]]:
+    """The failed trials as the report lists them (under "Failed trials", after the summary):
+    without it, a failed trial's curve just stops early (or, with no evaluated round, is
+    missing) with no explanation."""
+    return [
+        {
+            "name": trial.name,
+            "error": trial.error,
+            "last_round": (trial.last_metrics or {}).get("round"),
+            "error_file": str(trial.error_file) if trial.error_file else None,
+        }
+        for trial in trials
+        if trial.error
     ]
-    entries = []
-    for trial in failed:
-        last = (trial.last_metrics or {}).get("round")
-        reached = "no round evaluated" if last is None else f"last evaluated round: {last}"
-        lines.append(f"- **{trial.name}** ({reached}): {trial.error}")
-        if trial.error_file:
-            lines.append(f"  (traceback: `{trial.error_file}`)")
-        entries.append(
-            {
-                "name": trial.name,
-                "error": trial.error,
-                "last_round": last,
-                "error_file": str(trial.error_file) if trial.error_file else None,
-            }
-        )
-    # Right after the summary table, where a failed trial's empty or short row is read.
-    text = report_path.read_text(encoding="utf-8")
-    summary = text.find("\n## Summary")
-    cut = text.find("\n## ", summary + 1) if summary >= 0 else -1
-    if cut < 0:
-        cut = len(text.rstrip("\n"))
-    text = text[:cut].rstrip("\n") + "\n" + "\n".join(lines) + "\n" + text[cut:]
-    atomic_write_text(report_path, text, what="the report")
-    json_path = report_path.parent / REPORT_JSON
-    if json_path.is_file():
-        data = json.loads(json_path.read_text(encoding="utf-8"))
-        data["failed_trials"] = entries
-        atomic_write_json(json_path, data, what="the report")
 
 
 def _axes_text(spec: SweepSpec) -> str:

@@ -1,12 +1,14 @@
 """The figures of a report: learning curves, UA against wall time, confusion matrices, and the
 class balance of each round's selection.
 
-Every function takes plain data (the small dataclasses below hold strings, numbers and lists,
-never run objects) and an output path, and writes one PNG atomically (a reader sees the old
-figure or the new one). Figures are drawn on the Agg canvas of this module: each one is a
-``matplotlib.figure.Figure`` attached to a ``FigureCanvasAgg`` instead of a ``pyplot`` figure, so
-no display is needed, the process-wide backend is left alone (a notebook that imports this keeps
-its own), and no figure stays registered in pyplot's global list after it is saved.
+Every ``plot_*`` function takes plain data (the small dataclasses below hold strings, numbers
+and lists, never run objects) and an output path, and writes one PNG atomically (a reader sees
+the old figure or the new one); :func:`write_figures` turns a report's groups into that data,
+one drawing function per figure, and names the files (:data:`FIGURES`). Figures are drawn on
+the Agg canvas of this module: each one is a ``matplotlib.figure.Figure`` attached to a
+``FigureCanvasAgg`` instead of a ``pyplot`` figure, so no display is needed, the process-wide
+backend is left alone (a notebook that imports this keeps its own), and no figure stays
+registered in pyplot's global list after it is saved.
 
 Colors: a strategy has the same color in every figure and every report (a fixed palette for the
 strategies after-ray ships, a stable hash of the name into matplotlib's tab20b for any other);
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from after_ray.report.aggregate import GroupSummary, MeanStd, Report
+from after_ray.report.load import AL_KIND, RunSummary
 from after_ray.store.atomic import atomic_write_bytes
 
 LABELED_FRACTION_LABEL = "labeled fraction of the pool"
@@ -452,3 +457,179 @@ def plot_selection_balance(
     if title:
         figure.suptitle(title)
     return _save(figure, out_path)
+
+
+# --------------------------------------------------------------------------- a report's figures
+# File names of the figures write_figures draws, by figure key.
+FIGURES = {
+    "learning_curves": "learning_curves.png",
+    "ua_vs_time": "ua_vs_time.png",
+    "confusion": "confusion.png",
+    "selection_balance": "selection_balance.png",
+}
+
+
+def _variants(groups: Sequence[GroupSummary]) -> dict[int, int]:
+    """id(group) -> its position among the groups of the same strategy (line style)."""
+    count: Counter = Counter()
+    out = {}
+    for group in groups:
+        out[id(group)] = count[group.strategy]
+        count[group.strategy] += 1
+    return out
+
+
+def _common_chance(runs: Sequence[RunSummary]) -> float | None:
+    sizes = {len(run.class_names) for run in runs if run.class_names}
+    return 1.0 / sizes.pop() if len(sizes) == 1 else None
+
+
+def _last_value(group: GroupSummary, metric: str) -> MeanStd:
+    """Of a reference group: the metric of each run's last evaluated round."""
+    return MeanStd.of(r.last_round.metric(metric) for r in group.runs if r.last_round)
+
+
+def _draw_learning_curves(report: Report, out_path: Path) -> bool:
+    """UA and WA against the labeled fraction; False when there is nothing to draw."""
+    variants = _variants(report.groups)
+    ref_variants = _variants(report.references)
+    panels = []
+    for metric, y_label in (("ua", UA_LABEL), ("wa", WA_LABEL)):
+        curves = []
+        for group in report.groups:
+            points = [p for p in group.points if p.metric(metric).mean is not None]
+            if not points:
+                continue
+            curves.append(
+                Curve(
+                    label=group.legend_label,
+                    strategy=group.strategy,
+                    x=[p.labeled_fraction for p in points],
+                    y=[p.metric(metric).mean for p in points],
+                    std=[p.metric(metric).std for p in points],
+                    n=[p.metric(metric).n for p in points],
+                    variant=variants[id(group)],
+                    dashed=group.kind != AL_KIND,
+                )
+            )
+        levels = []
+        for ref in report.references:
+            value = _last_value(ref, metric)
+            if value.mean is not None:
+                levels.append(Level(ref.legend_label, value.mean, value.std, ref_variants[id(ref)]))
+        chance = _common_chance(report.runs) if metric == "ua" else None
+        panels.append(Panel(y_label, curves, levels, chance=chance))
+    if not any(p.curves or p.levels for p in panels):
+        return False
+    plot_learning_curves(
+        panels,
+        out_path,
+        title="Test UA and WA against the labeled fraction (mean ± 1 std over seeds)",
+    )
+    return True
+
+
+def _draw_ua_vs_time(report: Report, out_path: Path) -> bool:
+    """UA against cumulative wall time, per run (seeds do not share time stamps)."""
+    variants = _variants(report.groups)
+    ref_variants = _variants(report.references)
+    time_curves, time_points = [], []
+    for group in report.groups:
+        for run in group.runs:
+            rows = [r for r in run.rounds if r.cumulative_wall_s is not None and r.ua is not None]
+            if rows:
+                time_curves.append(
+                    Curve(
+                        label=group.legend_label,
+                        strategy=group.strategy,
+                        x=[r.cumulative_wall_s for r in rows],
+                        y=[r.ua for r in rows],
+                        variant=variants[id(group)],
+                        dashed=group.kind != AL_KIND,
+                    )
+                )
+    for ref in report.references:
+        for run in ref.runs:
+            last = run.last_round
+            if last is not None and last.ua is not None and run.total_seconds is not None:
+                time_points.append(
+                    RefPoint(ref.legend_label, run.total_seconds, last.ua, ref_variants[id(ref)])
+                )
+    if not (time_curves or time_points):
+        return False
+    plot_metric_vs_time(
+        Panel(UA_LABEL, time_curves, points=time_points),
+        out_path,
+        title="Test UA against wall time (TAPT included)",
+    )
+    return True
+
+
+def _draw_confusion(report: Report, out_path: Path) -> bool:
+    """The confusion matrix of the last round of the first run (lowest seed) of each group."""
+    confusion_panels = []
+    for group in [*report.groups, *report.references]:
+        for run in group.runs:
+            last = run.last_round
+            if last is not None and last.confusion is not None:
+                names = last.class_names or run.class_names
+                if len(names) != len(last.confusion):
+                    names = [str(i) for i in range(len(last.confusion))]
+                where = f"round {last.round}"
+                if last.labeled_fraction is not None:  # in % as the report's tables print it
+                    where += f", {last.labeled_fraction * 100:.1f}% labeled"
+                seed = "" if run.seed is None else f"seed {run.seed}, "
+                confusion_panels.append(
+                    ConfusionPanel(f"{group.label}\n{seed}{where}", names, last.confusion)
+                )
+                break
+    if not confusion_panels:
+        return False
+    plot_confusion_matrices(
+        confusion_panels, out_path, title="Test confusion matrices, last evaluated round"
+    )
+    return True
+
+
+def _draw_selection_balance(report: Report, out_path: Path) -> bool:
+    """The class balance of each round's selection (first run of each curve group)."""
+    balance_panels = []
+    for group in report.groups:
+        for run in group.runs:
+            if run.selection_counts:
+                names = list(run.class_names)
+                for counts in run.selection_counts.values():
+                    names += [n for n in counts if n not in names]
+                rounds = list(run.selection_counts)
+                matrix = [[run.selection_counts[r].get(n, 0) for n in names] for r in rounds]
+                seed = "" if run.seed is None else f", seed {run.seed}"
+                balance_panels.append(BalancePanel(f"{group.label}{seed}", names, rounds, matrix))
+                break
+    if not balance_panels:
+        return False
+    plot_selection_balance(
+        balance_panels, out_path, title="True classes of the items each round acquired"
+    )
+    return True
+
+
+_DRAWERS = {
+    "learning_curves": _draw_learning_curves,
+    "ua_vs_time": _draw_ua_vs_time,
+    "confusion": _draw_confusion,
+    "selection_balance": _draw_selection_balance,
+}
+
+
+def write_figures(report: Report, out_dir: str | Path) -> dict[str, str]:
+    """Draw the report's figures into ``out_dir``; returns figure key -> file name. A figure with
+    nothing to show is not drawn, and a stale file of that name is removed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    for key, name in FIGURES.items():
+        if _DRAWERS[key](report, out_dir / name):
+            written[key] = name
+        else:
+            (out_dir / name).unlink(missing_ok=True)
+    return written
