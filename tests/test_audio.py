@@ -13,9 +13,9 @@ import pyarrow.csv as pacsv
 import pytest
 import soundfile as sf
 
+from after_ray.config.audio import AudioConfig
 from after_ray.data import audio
 from after_ray.data.audio import (
-    AudioConfig,
     AudioProblem,
     check_quality,
     chunk,

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from after_ray.bench.audio import run_audio_benchmark
-from after_ray.data.audio import AudioConfig
+from after_ray.config.audio import AudioConfig
 from after_ray.distributed.audio_data import (
     PadCollate,
     audio_dataset,

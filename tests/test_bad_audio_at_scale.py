@@ -38,8 +38,9 @@ import pytest
 import soundfile as sf
 import yaml
 
+from after_ray.config.audio import AudioConfig
 from after_ray.config.sections import load_config
-from after_ray.data.audio import REASONS, AudioConfig
+from after_ray.data.audio import REASONS
 from after_ray.data.quarantine import csv_twin, quarantine_lost_files, write_quarantine
 from after_ray.distributed.audio_data import audio_dataset, probe_audio
 from after_ray.distributed.worker_audio import InMemoryAudio, StreamedAudio

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import soundfile as sf
 
-from after_ray.data.audio import AudioConfig
+from after_ray.config.audio import AudioConfig
 from after_ray.experiments.feature_baseline import (
     KIND,
     extract_features,

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from after_ray.data.audio import AudioConfig, load_for_model
+from after_ray.config.audio import AudioConfig
+from after_ray.data.audio import load_for_model
 from after_ray.seeding import utterance_epoch_rng
 
 SEED = 0

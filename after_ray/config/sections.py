@@ -22,11 +22,19 @@ from typing import Any, Literal
 import yaml
 
 from after_ray.config import schema as config_schema
+from after_ray.config.audio import AudioConfig
 from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.config.finetune import FinetuneConfig
-from after_ray.data.audio import AudioConfig
-from after_ray.data.corpora.synth import NATURAL_CLASS_PRIORS
 from after_ray.errors import ConfigError
+
+# Neutral-heavy, angry/sad rare: the shape of natural SER corpora (IEMOCAP's improvised sessions,
+# MSP-Podcast), where a class-balanced pool would make random sampling look better than it is.
+NATURAL_CLASS_PRIORS: dict[str, float] = {
+    "neutral": 0.45,
+    "happy": 0.25,
+    "angry": 0.15,
+    "sad": 0.15,
+}
 
 CORPUS_NAMES = (
     "synth",
@@ -284,9 +292,21 @@ class ALConfig:
     mc_dropout_samples: int = 10
 
     def validate(self) -> list[str]:
+        # Imported here: the strategy registry is the one list of names; it is numpy-only, so
+        # loading a config still imports no torch, Ray or audio stack.
+        from after_ray.al.strategies import strategy_params
+
         problems = []
         if self.mc_dropout_samples < 0:
             problems.append("al.mc_dropout_samples: must be >= 0")
+        # Names are checked at load, so a typo fails `after-ray run` before TAPT and a whole
+        # round. Parameters are checked with the name they go with when a run or a sweep trial
+        # starts: a sweep may set al.strategy and al.strategy_params on two axes.
+        for key, name in (("al.strategy", self.strategy), ("al.cold_start", self.cold_start)):
+            try:
+                strategy_params(name)
+            except ConfigError as exc:
+                problems.append(f"{key}: {exc}")
         return problems
 
 

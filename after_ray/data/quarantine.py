@@ -33,7 +33,7 @@ from after_ray.errors import CorpusError
 from after_ray.store.atomic import atomic_write, atomic_write_parquet
 
 if TYPE_CHECKING:
-    from after_ray.data.audio import AudioConfig
+    from after_ray.config.audio import AudioConfig
 
 QUARANTINE_SCHEMA = pa.schema(
     [

@@ -30,13 +30,8 @@ import pyarrow.parquet as pq
 import ray.data
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from after_ray.data.audio import (
-    AudioConfig,
-    AudioProblem,
-    Mode,
-    load_for_model,
-    probe_file,
-)
+from after_ray.config.audio import AudioConfig
+from after_ray.data.audio import AudioProblem, Mode, load_for_model, probe_file
 from after_ray.data.manifest import MANIFEST_SCHEMA
 from after_ray.data.quarantine import QUARANTINE_SCHEMA
 from after_ray.seeding import utterance_epoch_rng

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from after_ray import faults
-from after_ray.data.audio import AudioConfig
+from after_ray.config.audio import AudioConfig
 from after_ray.faults import failpoint
 from after_ray.store.score_cache import ARRAY_KEYS, PoolScores, read_scores, write_scores
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from after_ray.config.audio import AudioConfig
 from after_ray.data.audio import (
     EMPTY,
     NON_FINITE,
-    AudioConfig,
     AudioProblem,
     chunk,
     crop,

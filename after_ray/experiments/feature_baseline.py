@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from after_ray.data.audio import AudioConfig, decode, resample, to_mono
+from after_ray.config.audio import AudioConfig
+from after_ray.data.audio import decode, resample, to_mono
 from after_ray.metrics import classification_report
 from after_ray.store import layout
 from after_ray.store.atomic import atomic_write_json

@@ -101,14 +101,6 @@ PEAK_LIMIT = 0.95
 PAD_SECONDS_RANGE = (0.15, 0.5)
 HUM_PROBABILITY = 0.4
 
-# Neutral-heavy, angry/sad rare: the shape of natural SER corpora (IEMOCAP's improvised sessions,
-# MSP-Podcast), where a class-balanced pool would make random sampling look better than it is.
-NATURAL_CLASS_PRIORS: dict[str, float] = {
-    "neutral": 0.45,
-    "happy": 0.25,
-    "angry": 0.15,
-    "sad": 0.15,
-}
 LOW_QUALITY_SNR_DB = (-5.0, 5.0)
 TELEPHONE_BAND_HZ = (300.0, 3400.0)
 TELEPHONE_SHARE = 0.5  # of the low-quality files
