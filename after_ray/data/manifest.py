@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,36 @@ def class_names_of(table: pa.Table, classes: list[str] | None = None) -> list[st
             "add them to corpus.classes or map them with corpus.label_map"
         )
     return list(classes)
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """A manifest's rows as the stages use them: the pool, and the labeled val and test rows.
+
+    The pool is every ``train`` row (labeled or not: its labels are what the oracle reveals);
+    val and test keep only labeled rows, since they are scored against their labels.
+    """
+
+    rows: list[dict[str, Any]]
+    pool: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    class_names: list[str]
+
+    @classmethod
+    def of(cls, table: pa.Table, classes: list[str] | None = None) -> SplitRows:
+        rows = table.to_pylist()
+        return cls(
+            rows=rows,
+            pool=[r for r in rows if r["split"] == "train"],
+            val=[r for r in rows if r["split"] == "val" and r["label"] is not None],
+            test=[r for r in rows if r["split"] == "test" and r["label"] is not None],
+            class_names=class_names_of(table, classes),
+        )
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        """Every row of split ``name`` (labeled or not)."""
+        return [r for r in self.rows if r["split"] == name]
 
 
 def describe(table: pa.Table) -> dict[str, Any]:

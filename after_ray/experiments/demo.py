@@ -49,12 +49,13 @@ def feature_baseline(config: Config, run_dir: Path, draws: int = 5) -> list[Path
     from after_ray.store.run_state import list_rounds
 
     out_root = Path(config.run.output_dir) / f"{config.run.name}-feature-baseline"
-    existing = sorted(out_root.glob("feature-baseline-*/run_info.json"))
+    existing = sorted(out_root.glob(f"feature-baseline-*/{layout.RUN_INFO_FILE}"))
     if len(existing) == draws:
         print(f"feature baseline: reusing {out_root}", flush=True)
         return [p.parent for p in existing]
-    table = manifest.read_manifest(layout.manifest_path(run_dir))
-    rows = table.to_pylist()
+    splits = manifest.SplitRows.of(
+        manifest.read_manifest(layout.manifest_path(run_dir)), config.corpus.classes
+    )
     fractions = []
     for r in list_rounds(run_dir):
         metrics = layout.round_metrics_path(run_dir, r)
@@ -63,9 +64,9 @@ def feature_baseline(config: Config, run_dir: Path, draws: int = 5) -> list[Path
     tick = time.perf_counter()
     dirs = write_baseline_runs(
         out_root,
-        pool_rows=[r for r in rows if r["split"] == "train"],
-        test_rows=[r for r in rows if r["split"] == "test" and r["label"] is not None],
-        class_names=manifest.class_names_of(table, config.corpus.classes),
+        pool_rows=splits.pool,
+        test_rows=splits.test,
+        class_names=splits.class_names,
         fractions=fractions,
         audio=config.audio,
         draws=draws,

@@ -25,7 +25,7 @@ import numpy as np
 from after_ray.al.budget import Budget
 from after_ray.al.oracle import SimulatedOracle, rows_by_id
 from after_ray.al.pool import PoolView
-from after_ray.al.strategies import get_strategy
+from after_ray.al.strategies import Strategy, get_strategy
 from after_ray.config.sections import Config
 from after_ray.data import manifest
 from after_ray.errors import RunStateError
@@ -179,8 +179,8 @@ def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names
         import torch
 
         from after_ray.models.backbones import load_backbone
+        from after_ray.models.classifier import build_classifier
         from after_ray.models.classifier_io import save_classifier
-        from after_ray.training.finetune import build_classifier
 
         failpoint("stage:embed_model")
         backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
@@ -261,6 +261,29 @@ def _without_lost_files(config: Config, pool_rows: list[dict], scores) -> list[d
     return [r for r in pool_rows if r["utt_id"] in scored]
 
 
+@dataclass(frozen=True)
+class Selectors:
+    """The run's cold start, its strategy and its budget, built once from the config."""
+
+    cold_start: Strategy
+    strategy: Strategy
+    budget: Budget
+
+    @classmethod
+    def from_config(cls, config: Config) -> Selectors:
+        return cls(
+            cold_start=get_strategy(config.al.cold_start, **config.al.cold_start_params),
+            strategy=get_strategy(config.al.strategy, **config.al.strategy_params),
+            budget=Budget.from_config(config.al.budget),
+        )
+
+    def for_round(self, config: Config, round_index: int) -> tuple[str, dict[str, Any], Strategy]:
+        """A round's configured name (it seeds the selection), its parameters and strategy."""
+        if round_index == 0:
+            return config.al.cold_start, config.al.cold_start_params, self.cold_start
+        return config.al.strategy, config.al.strategy_params, self.strategy
+
+
 def _select(
     config: Config,
     state: RunState,
@@ -269,9 +292,10 @@ def _select(
     pool_rows,
     scores,
     durations: dict[str, float],
+    selectors: Selectors,
 ) -> list[str]:
     labeled = set(state.labels())
-    budget = Budget.from_config(config.al.budget)
+    budget = selectors.budget
     votes = config.al.oracle.votes_per_item or 1
     if budget.unit == "seconds":
         spent = sum(durations[u] for u in labeled) * votes
@@ -280,11 +304,7 @@ def _select(
     else:
         spent = len(labeled)
         want = int(target - spent)
-    if round_index == 0:
-        name, params = config.al.cold_start, config.al.cold_start_params
-    else:
-        name, params = config.al.strategy, config.al.strategy_params
-    strategy = get_strategy(name, **params)
+    name, params, strategy = selectors.for_round(config, round_index)
     if scores is not None:
         pool_rows = _without_lost_files(config, pool_rows, scores)
     pool_ids = sorted(r["utt_id"] for r in pool_rows)
@@ -471,28 +491,29 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
     """Run (or resume) the whole AFTER loop for ``config`` in ``config.run_dir``."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Built once, before any stage: a parameter a strategy does not take fails here, not after
+    # TAPT and a round.
+    selectors = Selectors.from_config(config)
     with RunState.open(run_dir) as state:
         state.ensure_experiment(_identity(config, kind))
         atomic_write_text(run_dir / layout.CONFIG_FILE, config.to_yaml())
         stage_prepare(config, state)
         table = manifest.read_manifest(layout.manifest_path(run_dir))
-        rows = table.to_pylist()
-        pool_rows = [r for r in rows if r["split"] == "train"]
-        val_rows = [r for r in rows if r["split"] == "val" and r["label"] is not None]
-        test_rows = [r for r in rows if r["split"] == "test" and r["label"] is not None]
+        splits = manifest.SplitRows.of(table, config.corpus.classes)
+        rows, pool_rows, val_rows, test_rows = splits.rows, splits.pool, splits.val, splits.test
         if not pool_rows or not test_rows or not val_rows:
             raise RunStateError(
                 f"the manifest in {run_dir} needs train, val and test rows (got {len(pool_rows)}, "
                 f"{len(val_rows)}, {len(test_rows)}); check corpus.split"
             )
-        class_names = manifest.class_names_of(table, config.corpus.classes)
+        class_names = splits.class_names
         rows_by_utt = rows_by_id(rows)
         durations = {r["utt_id"]: float(r["duration_s"]) for r in pool_rows}
         _write_run_info(config, kind, len(pool_rows), class_names)
 
         backbone_dir = stage_tapt(config, state, pool_rows)
         features = _feature_space(config, state, backbone_dir, rows, class_names)
-        budget = Budget.from_config(config.al.budget)
+        budget = selectors.budget
         votes = config.al.oracle.votes_per_item or 1
         schedule = budget.schedule(
             durations if budget.unit == "seconds" else len(pool_rows), votes_per_item=votes
@@ -507,16 +528,18 @@ def run_active_learning(config: Config, *, kind: str = "al") -> RunOutcome:
                     )
                 elif round_index == 0:
                     scores = None
-                    if get_strategy(config.al.cold_start).requires:
+                    if selectors.cold_start.requires:
                         embed_dir = _embed_model(config, state, backbone_dir, class_names)
                         scores = _score(
                             config, state, embed_dir, pool_rows, "pool", 0, stage="embed"
                         )
-                elif get_strategy(config.al.strategy, **config.al.strategy_params).requires:
+                elif selectors.strategy.requires:
                     scores = _score(config, state, previous_model, pool_rows, "pool", round_index)
                 else:
                     scores = None  # e.g. random selection: no model outputs needed
-                chosen = _select(config, state, round_index, target, pool_rows, scores, durations)
+                chosen = _select(
+                    config, state, round_index, target, pool_rows, scores, durations, selectors
+                )
                 print(
                     f"round {round_index}: selected {len(chosen)} utterances "
                     f"({config.al.cold_start if round_index == 0 else config.al.strategy})",
@@ -604,12 +627,12 @@ def run_full_data(config: Config) -> RunOutcome:
 
 
 # ------------------------------------------------------------------- single stages for the CLI
-def _open_prepared(config: Config, state: RunState):
+def _open_prepared(config: Config, state: RunState) -> manifest.SplitRows:
     state.ensure_experiment(_identity(config, "al"))
     atomic_write_text(config.run_dir / layout.CONFIG_FILE, config.to_yaml())
     stage_prepare(config, state)
     table = manifest.read_manifest(layout.manifest_path(config.run_dir))
-    return table, table.to_pylist()
+    return manifest.SplitRows.of(table, config.corpus.classes)
 
 
 def _feature_space(config: Config, state: RunState, backbone_dir: str, rows, class_names):
@@ -618,6 +641,7 @@ def _feature_space(config: Config, state: RunState, backbone_dir: str, rows, cla
         return None
     from after_ray.pipeline.head_rounds import FeatureSpace
 
+    # Pool rows (labeled or not) and every labeled row: what a round trains, scores or tests.
     used = [r for r in rows if r["split"] == "train" or r["label"] is not None]
     pool_ids = [r["utt_id"] for r in rows if r["split"] == "train"]
     return FeatureSpace.build(config, state, backbone_dir, used, pool_ids, class_names)
@@ -628,10 +652,9 @@ def run_shared_stages_only(config: Config) -> str:
     shares, run once before the trials start. Returns the backbone directory."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     with RunState.open(config.run_dir) as state:
-        table, rows = _open_prepared(config, state)
-        backbone_dir = stage_tapt(config, state, [r for r in rows if r["split"] == "train"])
-        class_names = manifest.class_names_of(table, config.corpus.classes)
-        _feature_space(config, state, backbone_dir, rows, class_names)
+        splits = _open_prepared(config, state)
+        backbone_dir = stage_tapt(config, state, splits.pool)
+        _feature_space(config, state, backbone_dir, splits.rows, splits.class_names)
         return backbone_dir
 
 
@@ -639,8 +662,7 @@ def run_tapt_only(config: Config) -> str:
     """Prepare (if needed) and run TAPT; returns the pre-trained backbone's directory."""
     config.run_dir.mkdir(parents=True, exist_ok=True)
     with RunState.open(config.run_dir) as state:
-        _, rows = _open_prepared(config, state)
-        return stage_tapt(config, state, [r for r in rows if r["split"] == "train"])
+        return stage_tapt(config, state, _open_prepared(config, state).pool)
 
 
 def score_with_model(config: Config, model_dir: str, *, split: str = "train") -> Path:
@@ -649,8 +671,7 @@ def score_with_model(config: Config, model_dir: str, *, split: str = "train") ->
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
     with RunState.open(config.run_dir) as state:
-        _, rows = _open_prepared(config, state)
-        chosen = [r for r in rows if r["split"] == split]
+        chosen = _open_prepared(config, state).split(split)
         scores = _score(config, state, model_dir, chosen, split, None)
     print(f"scored {len(scores.utt_ids)} utterances of split {split!r}")
     key = cache_key(model_dir, config.al.mc_dropout_samples, config.run.seed, config.audio)
