@@ -13,7 +13,7 @@ import torch
 from after_ray.config.backbone import BackboneConfig
 from after_ray.config.finetune import FinetuneConfig
 from after_ray.models.backbones import load_backbone
-from after_ray.training.finetune import build_classifier
+from after_ray.models.classifier import build_classifier
 from after_ray.training.head import fit_head, head_outputs, pool_standardisation
 from after_ray.training.scoring import score_batch
 

@@ -562,8 +562,8 @@ def saved_classifier(tmp_path_factory):
     from after_ray.config.backbone import BackboneConfig
     from after_ray.config.finetune import FinetuneConfig
     from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier import build_classifier
     from after_ray.models.classifier_io import save_classifier
-    from after_ray.training.finetune import build_classifier
 
     cfg = FinetuneConfig()
     backbone = load_backbone(BackboneConfig(name_or_path="tiny", seed=5), for_pretraining=False)
@@ -660,7 +660,7 @@ CHECKPOINT_LIMIT_SCRIPT = textwrap.dedent(
     from after_ray.models.backbones import load_backbone
     from after_ray.models.classifier_io import save_classifier
     from after_ray.config.backbone import BackboneConfig
-    from after_ray.training.finetune import build_classifier
+    from after_ray.models.classifier import build_classifier
     from after_ray.config.finetune import FinetuneConfig
     from after_ray.store.torch_state import save_training_state
     from after_ray.training.tapt import save_tapt_result

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 
 from after_ray import faults
+from after_ray.config.audio import AudioConfig
 from after_ray.config.sections import config_from_dict
-from after_ray.data.audio import AudioConfig
 
 N_UTTERANCES = 30
 # The actor pool even for this small set (in-process scoring would kill the test process).
@@ -33,8 +33,8 @@ def scoring_setup(tmp_path_factory):
     from after_ray.config.backbone import BackboneConfig
     from after_ray.config.finetune import FinetuneConfig
     from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier import build_classifier
     from after_ray.models.classifier_io import save_classifier
-    from after_ray.training.finetune import build_classifier
 
     tmp = tmp_path_factory.mktemp("scoring")
     cfg = FinetuneConfig()

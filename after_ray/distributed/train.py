@@ -33,9 +33,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from after_ray import faults
+from after_ray.config.audio import AudioConfig
 from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.config.finetune import FinetuneConfig
-from after_ray.data.audio import AudioConfig
 from after_ray.distributed.worker_audio import worker_audio
 from after_ray.errors import AfterRayError, exception_chain
 from after_ray.faults import failpoint
@@ -331,9 +331,10 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     import torch
 
     from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier import build_classifier
     from after_ray.models.classifier_io import load_classifier, save_classifier
     from after_ray.store.torch_state import load_training_state, save_training_state
-    from after_ray.training.finetune import build_classifier, finetune, make_cached_providers
+    from after_ray.training.finetune import finetune, make_cached_providers
 
     faults.install(loop_config.get("faults"))
     ft_cfg = FinetuneConfig(**loop_config["finetune"])

@@ -29,12 +29,15 @@ can be exported to a standard Hugging Face audio-classification checkpoint (see 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from after_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from after_ray.config.finetune import FinetuneConfig
 
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
 POOLINGS = ("mean", "attentive", "layer_stats")
@@ -366,3 +369,28 @@ class SERClassifier(nn.Module):
     ) -> torch.Tensor:
         """Logits from cached CNN encoder output (see ``encode_cnn``)."""
         return self(cnn_features=cnn_features, frame_mask=frame_mask)
+
+
+def build_classifier(backbone: nn.Module, n_classes: int, cfg: FinetuneConfig) -> SERClassifier:
+    """An ``SERClassifier`` with the head, SpecAugment and freezing that ``cfg`` asks for."""
+    model = SERClassifier(
+        backbone,
+        n_classes,
+        pooling=cfg.pooling,
+        dropout=cfg.head_dropout,
+        proj_size=cfg.proj_size,
+        spec_augment=SpecAugment(
+            time_prob=cfg.mask_time_prob,
+            time_length=cfg.mask_time_length,
+            time_min_masks=cfg.mask_time_min_masks,
+            channel_prob=cfg.mask_channel_prob,
+            channel_length=cfg.mask_channel_length,
+        ),
+        seed=cfg.seed,
+    )
+    # "auto" keeps what load_backbone decided from backbone.freeze_feature_encoder.
+    if cfg.freeze_feature_encoder is True:
+        model.freeze_feature_encoder()
+    elif cfg.freeze_feature_encoder is False:
+        model.unfreeze_feature_encoder()
+    return model

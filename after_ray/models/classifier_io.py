@@ -21,9 +21,8 @@ from after_ray.config.backbone import BackboneConfig
 from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError, RunStateError
 from after_ray.models.backbones import load_backbone, write_backbone_files
-from after_ray.models.classifier import SERClassifier
+from after_ray.models.classifier import SERClassifier, build_classifier
 from after_ray.store.atomic import staged_directory
-from after_ray.training.finetune import build_classifier
 
 WEIGHTS = "classifier.safetensors"
 META = "classifier.json"

@@ -205,7 +205,7 @@ def _loaded_backbone(backbone_cfg: BackboneConfig):
 def _round_model(config: Config, backbone_dir: str, class_names, seed: int):
     import torch
 
-    from after_ray.training.finetune import build_classifier
+    from after_ray.models.classifier import build_classifier
 
     backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
     ft_cfg = dataclasses.replace(config.finetune, seed=seed)

@@ -39,7 +39,7 @@ from torch import nn
 from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError
 from after_ray.metrics import classification_report
-from after_ray.models.classifier import SERClassifier, SpecAugment
+from after_ray.models.classifier import SERClassifier
 from after_ray.seeding import blake2b_seed
 from after_ray.store.atomic import to_jsonable
 
@@ -49,31 +49,6 @@ ValBatches = Callable[[], Iterable[Batch]]
 
 
 # --------------------------------------------------------------------------- model construction
-def build_classifier(backbone: nn.Module, n_classes: int, cfg: FinetuneConfig) -> SERClassifier:
-    """An ``SERClassifier`` with the head, SpecAugment and freezing that ``cfg`` asks for."""
-    model = SERClassifier(
-        backbone,
-        n_classes,
-        pooling=cfg.pooling,
-        dropout=cfg.head_dropout,
-        proj_size=cfg.proj_size,
-        spec_augment=SpecAugment(
-            time_prob=cfg.mask_time_prob,
-            time_length=cfg.mask_time_length,
-            time_min_masks=cfg.mask_time_min_masks,
-            channel_prob=cfg.mask_channel_prob,
-            channel_length=cfg.mask_channel_length,
-        ),
-        seed=cfg.seed,
-    )
-    # "auto" keeps what load_backbone decided from backbone.freeze_feature_encoder.
-    if cfg.freeze_feature_encoder is True:
-        model.freeze_feature_encoder()
-    elif cfg.freeze_feature_encoder is False:
-        model.unfreeze_feature_encoder()
-    return model
-
-
 # ------------------------------------------------------------------------------- loss / weights
 def class_counts_from_labels(label_index: Iterable[int], n_classes: int) -> np.ndarray:
     """Count of labeled items per class (``-1`` = unlabeled, ignored)."""
