@@ -241,49 +241,90 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `after-ray --help` lists the commands in the order they are added here.
+    _add_stage_commands(sub)
+    _add_run_dir_commands(sub)
+    _add_sweep_command(sub)
 
-    def command(name: str, func: Callable, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        return p
+    p = _add_command(
+        sub, "export", cmd_export, "export a round's model as a Hugging Face directory"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--round", type=int, default=None, help="default: the last trained round")
 
-    p = command("demo", cmd_demo, "build the demo corpus and run the pipeline on it")
+    p = _add_command(sub, "config", cmd_config, "print the resolved configuration")
+    _add_config_args(p)
+
+    _add_bench_command(sub)
+    return parser
+
+
+def _add_command(
+    sub: argparse._SubParsersAction, name: str, func: Callable, help_text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose parsed arguments carry ``func``, the ``cmd_*`` that runs it."""
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """The pipeline stages: each runs on a configuration (``--config`` + overrides)."""
+    p = _add_command(sub, "demo", cmd_demo, "build the demo corpus and run the pipeline on it")
     _add_config_args(p)
     p.set_defaults(default_demo=True)
 
-    p = command("prepare", cmd_prepare, "corpus -> checked manifest + quarantine table")
+    p = _add_command(sub, "prepare", cmd_prepare, "corpus -> checked manifest + quarantine table")
     _add_config_args(p)
 
-    p = command("run", cmd_run, "run (or resume) the AFTER active-learning loop")
+    p = _add_command(sub, "run", cmd_run, "run (or resume) the AFTER active-learning loop")
     _add_config_args(p)
 
-    p = command("tapt", cmd_tapt, "task-adaptive pre-training of the backbone on the pool")
+    p = _add_command(
+        sub, "tapt", cmd_tapt, "task-adaptive pre-training of the backbone on the pool"
+    )
     _add_config_args(p)
 
-    p = command("finetune", cmd_finetune, "fine-tune on the whole labeled pool (the reference)")
+    p = _add_command(
+        sub, "finetune", cmd_finetune, "fine-tune on the whole labeled pool (the reference)"
+    )
     _add_config_args(p)
 
-    p = command("score", cmd_score, "score a split with a classifier checkpoint (cached)")
+    p = _add_command(sub, "score", cmd_score, "score a split with a classifier checkpoint (cached)")
     p.add_argument("--model", required=True, help="a classifier directory (rounds/round_NNN/model)")
     p.add_argument("--split", default="train", choices=["train", "val", "test"])
     _add_config_args(p)
 
-    p = command("label", cmd_label, "human oracle: export a round's batch, import the answers")
+
+def _add_run_dir_commands(sub: argparse._SubParsersAction) -> None:
+    """The commands on existing run directories: label, check, report."""
+    p = _add_command(
+        sub, "label", cmd_label, "human oracle: export a round's batch, import the answers"
+    )
     p.add_argument("action", choices=["export", "import"])
     p.add_argument("run_dir")
     p.add_argument("file", nargs="?", help="import: the filled CSV or a Label Studio JSON export")
     p.add_argument("--round", type=int, default=None, help="default: the round waiting for labels")
 
-    p = command("check", cmd_check, "check a run directory's consistency (exit 1 on problems)")
+    p = _add_command(
+        sub, "check", cmd_check, "check a run directory's consistency (exit 1 on problems)"
+    )
     p.add_argument("run_dir")
 
-    p = command("report", cmd_report, "Markdown report with learning curves for run directories")
+    p = _add_command(
+        sub, "report", cmd_report, "Markdown report with learning curves for run directories"
+    )
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--reference", nargs="*", default=[], help="full-data run dirs (reference line)")
     p.add_argument("--out", help="output directory (default: <parent>/report)")
     p.add_argument("--title", help="report title")
 
-    p = command("sweep", cmd_sweep, "a Ray Tune grid of AL runs (e.g. strategies x seeds) + report")
+
+def _add_sweep_command(sub: argparse._SubParsersAction) -> None:
+    p = _add_command(
+        sub, "sweep", cmd_sweep, "a Ray Tune grid of AL runs (e.g. strategies x seeds) + report"
+    )
     p.add_argument(
         "--axis",
         action="append",
@@ -320,15 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
 
-    p = command("export", cmd_export, "export a round's model as a Hugging Face directory")
-    p.add_argument("run_dir")
-    p.add_argument("--out", required=True)
-    p.add_argument("--round", type=int, default=None, help="default: the last trained round")
 
-    p = command("config", cmd_config, "print the resolved configuration")
-    _add_config_args(p)
-
-    p = command("bench", cmd_bench, "benchmarks: our code against a baseline in the same run")
+def _add_bench_command(sub: argparse._SubParsersAction) -> None:
+    """``bench``: one parser for every benchmark; each option's help names the ones it is for."""
+    p = _add_command(
+        sub, "bench", cmd_bench, "benchmarks: our code against a baseline in the same run"
+    )
     p.add_argument("what", choices=["al", "audio", "select", "load", "finetune"])
     p.add_argument(
         "--arms",
@@ -369,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utterances", type=int, default=96, help="finetune: utterances per epoch")
     p.add_argument("--backbones", default="tiny,base", help="finetune: presets, comma-separated")
     _add_config_args(p)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
