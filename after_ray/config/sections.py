@@ -14,7 +14,6 @@ stays fast.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -445,7 +444,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data)
 
-
-def replace(config: Config, **sections: Any) -> Config:
-    """A copy of ``config`` with whole sections replaced (used by sweeps)."""
-    return dataclasses.replace(config, **sections)

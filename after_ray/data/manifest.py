@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from after_ray.errors import CorpusError
@@ -64,10 +63,6 @@ def rows_to_table(rows: Iterable[dict[str, Any]]) -> pa.Table:
     return table
 
 
-def table_to_rows(table: pa.Table) -> list[dict[str, Any]]:
-    return table.to_pylist()
-
-
 def check_unique_ids(table: pa.Table) -> None:
     ids = table.column("utt_id").to_pylist()
     if len(ids) != len(set(ids)):
@@ -99,11 +94,6 @@ def read_manifest(path: str | Path) -> pa.Table:
             "prepare; rebuild it"
         )
     return table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA)
-
-
-def filter_split(table: pa.Table, split: str) -> pa.Table:
-    mask = pc.equal(table.column("split"), split)
-    return table.filter(mask)
 
 
 def class_names_of(table: pa.Table, classes: list[str] | None = None) -> list[str]:
