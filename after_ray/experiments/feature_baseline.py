@@ -182,7 +182,7 @@ def write_baseline_runs(
                     "cumulative_wall_s": sum(t["seconds"] for t in timings),
                 },
             )
-        atomic_write_json(run_dir / "state.json", {"timings": timings})
+        _record_timings(run_dir, timings)
         atomic_write_json(
             run_dir / layout.RUN_INFO_FILE,
             {
@@ -200,3 +200,14 @@ def write_baseline_runs(
         )
         run_dirs.append(run_dir)
     return run_dirs
+
+
+def _record_timings(run_dir: Path, timings: list[dict[str, Any]]) -> None:
+    """The stage times in the run directory's own ``state.json``, written by ``RunState`` (the
+    report reads them from there), replacing those of an earlier baseline in the directory."""
+    from after_ray.store.run_state import RunState
+
+    (run_dir / layout.STATE_FILE).unlink(missing_ok=True)  # a fresh baseline: fresh times
+    with RunState.open(run_dir) as state:
+        for timing in timings:
+            state.record_timing(timing["round"], timing["stage"], timing["seconds"])
