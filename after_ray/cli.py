@@ -133,7 +133,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """A Ray Tune grid of AL runs (strategies x seeds x any config key), then its report."""
-    from after_ray.experiments.sweep import default_sweep_name, run_sweep, sweep_spec_from_cli
+    from after_ray.experiments.sweep.driver import run_sweep
+    from after_ray.experiments.sweep.plan import default_sweep_name, sweep_spec_from_cli
 
     config = _load(args)
     spec = sweep_spec_from_cli(

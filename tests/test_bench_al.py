@@ -23,7 +23,7 @@ def _base(tmp_path, **al):
 
 def test_arms_vary_together_and_every_seed_gets_a_full_data_reference(tmp_path):
     from after_ray.bench.al import bench_arms
-    from after_ray.experiments.sweep import SweepSpec, plan_trials
+    from after_ray.experiments.sweep.plan import SweepSpec, plan_trials
 
     base = _base(tmp_path, strategy_params={"prefilter_factor": 3.0})
     spec = SweepSpec(

@@ -53,7 +53,7 @@ def corpus_root(tmp_path_factory):
 
 # ------------------------------------------------------------------------------ no Ray needed
 def test_parse_axes_reads_yaml_scalars_and_lists():
-    from after_ray.experiments.sweep import parse_axes
+    from after_ray.experiments.sweep.plan import parse_axes
 
     axes = parse_axes(
         [
@@ -84,7 +84,7 @@ def test_parse_axes_reads_yaml_scalars_and_lists():
     ],
 )
 def test_parse_axes_rejects_bad_syntax_naming_the_axis(texts, message):
-    from after_ray.experiments.sweep import parse_axes
+    from after_ray.experiments.sweep.plan import parse_axes
 
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         parse_axes(texts)
@@ -103,19 +103,15 @@ def test_parse_axes_rejects_bad_syntax_naming_the_axis(texts, message):
     ],
 )
 def test_validate_axes_names_the_bad_axis(axes, message):
-    from after_ray.experiments.sweep import validate_axes
+    from after_ray.experiments.sweep.plan import validate_axes
 
     with pytest.raises(ConfigError, match=message):
         validate_axes(load_config(), axes)
 
 
 def test_spec_file_cli_axes_and_trial_names(tmp_path):
-    from after_ray.experiments.sweep import (
-        SweepSpec,
-        default_max_concurrent,
-        plan_trials,
-        sweep_spec_from_cli,
-    )
+    from after_ray.experiments.sweep.plan import SweepSpec, plan_trials, sweep_spec_from_cli
+    from after_ray.experiments.sweep.resources import default_max_concurrent
 
     spec_file = tmp_path / "sweep.yaml"
     spec_file.write_text(
@@ -147,7 +143,7 @@ def test_spec_file_cli_axes_and_trial_names(tmp_path):
 def test_trials_get_the_drivers_paths_not_their_trial_directories(tmp_path, monkeypatch):
     """Tune starts trials in their own directories: relative paths are pinned in the driver,
     so a trial reads the corpus (and probe cache) the shared stages built, not a new one."""
-    from after_ray.experiments.sweep import SweepSpec, plan_trials
+    from after_ray.experiments.sweep.plan import SweepSpec, plan_trials
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
@@ -170,7 +166,7 @@ def test_trials_get_the_drivers_paths_not_their_trial_directories(tmp_path, monk
 
 
 def test_combination_errors_name_the_trial_and_a_human_oracle_is_refused(tmp_path):
-    from after_ray.experiments.sweep import SweepSpec, plan_trials, validate_axes
+    from after_ray.experiments.sweep.plan import SweepSpec, plan_trials, validate_axes
 
     base = config_from_dict({"run": {"output_dir": str(tmp_path)}})
     spec = SweepSpec(axes={"al.strategy": ["random"], "al.strategy_params": [{}, {"nope": 1}]})
@@ -184,12 +180,8 @@ def test_combination_errors_name_the_trial_and_a_human_oracle_is_refused(tmp_pat
 def test_report_groups_keep_non_seed_axes_apart_and_a_changed_resume_is_refused(tmp_path):
     """Axes that run_info.json does not record (finetune.lr) are written into it, so the report
     does not average two learning rates as if they were seeds."""
-    from after_ray.experiments.sweep import (
-        SweepSpec,
-        _record_or_check_sweep,
-        _tag_run_info,
-        plan_trials,
-    )
+    from after_ray.experiments.sweep.driver import _record_or_check_sweep, _tag_run_info
+    from after_ray.experiments.sweep.plan import SweepSpec, plan_trials
     from after_ray.report.aggregate import aggregate
     from after_ray.report.load import load_run
 
@@ -233,7 +225,7 @@ def test_a_failed_trial_is_one_readable_line_without_the_remote_traceback():
 
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    from after_ray.experiments.sweep import _error_text, _one_line_trial_errors
+    from after_ray.experiments.sweep.driver import _error_text, _one_line_trial_errors
 
     def wrapped(cause: BaseException) -> BaseException:
         remote = "Traceback (most recent call last):\n  File ...\n" + repr(cause)
@@ -279,7 +271,8 @@ def test_a_failed_trial_is_one_readable_line_without_the_remote_traceback():
 def test_a_2x2_sweep_aggregates_seeds_and_logs_to_tune(ray_session, corpus_root, tmp_path):
     from ray import tune
 
-    from after_ray.experiments.sweep import SweepSpec, run_sweep
+    from after_ray.experiments.sweep.driver import run_sweep
+    from after_ray.experiments.sweep.plan import SweepSpec
 
     base = config_from_dict(base_dict(tmp_path, corpus_root))
     spec = SweepSpec(axes={"al.strategy": ["after", "random"], "run.seed": [0, 1]})
@@ -328,7 +321,8 @@ def test_a_2x2_sweep_aggregates_seeds_and_logs_to_tune(ray_session, corpus_root,
 def _sweep_driver_code(config_file: Path) -> str:
     return (
         "from after_ray.config.sections import load_config\n"
-        "from after_ray.experiments.sweep import SweepSpec, run_sweep\n"
+        "from after_ray.experiments.sweep.driver import run_sweep\n"
+        "from after_ray.experiments.sweep.plan import SweepSpec\n"
         f"base = load_config({str(config_file)!r})\n"
         "spec = SweepSpec(axes={'run.seed': [0, 1]})\n"
         "run_sweep(base, spec, name='killed')\n"
@@ -363,7 +357,8 @@ def test_a_killed_sweep_resumes_without_recomputing(ray_session, corpus_root, tm
     """A 2 x 1 sweep (two trials at once) loses its driver process to SIGKILL once both trials
     have evaluated their first round; ``run_sweep(resume=True)`` restores the Tune experiment,
     finishes both trials from their run directories and recomputes nothing that was done."""
-    from after_ray.experiments.sweep import SweepSpec, run_sweep
+    from after_ray.experiments.sweep.driver import run_sweep
+    from after_ray.experiments.sweep.plan import SweepSpec
 
     data = base_dict(tmp_path, corpus_root)
     data["tapt"]["enabled"] = False
@@ -461,8 +456,8 @@ def test_a_trial_killed_once_is_retried_and_a_failing_trial_is_reported(
     from tiny_run import outcome
 
     from after_ray import cli, faults
-    from after_ray.experiments import sweep
-    from after_ray.experiments.sweep import TUNE_CONTROLLER_LOGGER
+    from after_ray.experiments.sweep import driver as sweep
+    from after_ray.experiments.sweep.driver import TUNE_CONTROLLER_LOGGER
 
     config_file = tmp_path / "base.yaml"
     config_file.write_text(yaml.safe_dump(_failure_sweep_base(tmp_path, corpus_root)))

@@ -6,10 +6,10 @@ full-data UA". Seeds are paired across arms: seed s of every arm shares the corp
 the TAPT model and (``finetune.mode: head``) the cached features; what a seed changes is the
 cold-start draw, the strategies' own randomness and the head's initialisation. The statistics
 (AULC with t-intervals, paired bootstrap differences to random, wins, labels saved) are in
-``bench_al_stats``; this module only plans and runs the grid and hands the run dirs over.
+``bench.al_stats``; this module only plans and runs the grid and hands the run dirs over.
 
-The grid is an ordinary sweep (``distributed/sweep.py``) with ``arms``, so it resumes, retries
-failed trials, and runs on a cluster like any sweep.
+The grid is an ordinary sweep (``after_ray.experiments.sweep``) with ``arms``, so it resumes,
+retries failed trials, and runs on a cluster like any sweep.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def run_al_benchmark(
 ) -> Path:
     """Run (or resume) the grid, then write the evidence; returns ``bench_al.md``'s path."""
     from after_ray.bench.al_stats import collect, summarize, write_bench_report
-    from after_ray.experiments.sweep import SweepSpec, run_sweep
+    from after_ray.experiments.sweep.driver import run_sweep
+    from after_ray.experiments.sweep.plan import SweepSpec
 
     if len(seeds) < 2:
         raise ConfigError("bench al: give at least 2 seeds (5 or more for a claim)")
