@@ -338,7 +338,59 @@ def tapt_loop(
         raise ValueError("invalid TAPT settings: " + "; ".join(problems))
     if device is None:
         device = next(model.parameters()).device
-    device = torch.device(device)
+    run = _start_run(cfg, model, batches, torch.device(device), rank, start_state)
+    state = run.state
+    skip = state.batch_in_epoch if replay_batches else 0
+    stream = _BatchStream(batches, state.epoch, skip)
+    # Feature masking (SpecAugment over channels) is not part of either objective, and
+    # transformers draws it from NumPy's global RNG: off during TAPT, restored afterwards.
+    saved_feature_mask_prob = run.core.config.mask_feature_prob
+    run.core.config.mask_feature_prob = 0.0
+
+    started = time.perf_counter()
+    model.train()
+    if state.head is not None:
+        state.head.train()
+    try:
+        last_metrics = _run_steps(run, stream, on_checkpoint, on_metrics)
+    finally:
+        run.core.config.mask_feature_prob = saved_feature_mask_prob
+
+    return {
+        "steps": state.step,
+        "objective": run.objective,
+        "loss_history": list(state.loss_history),
+        "last_metrics": last_metrics,
+        "seconds": time.perf_counter() - started,
+        "skipped_batches": state.skipped_batches,
+        "state": state,
+    }
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every step of one ``tapt_loop`` call works with; only ``state`` changes."""
+
+    cfg: TaptConfig
+    state: TaptState
+    core: nn.Module  # the model without its DDP wrapper
+    objective: str
+    device: torch.device
+    rank: int
+    world: int
+    trainable: list[nn.Parameter]
+    autocast: contextlib.AbstractContextManager[Any]
+
+
+def _start_run(
+    cfg: TaptConfig,
+    model: nn.Module,
+    batches: BatchSource,
+    device: torch.device,
+    rank: int | None,
+    start_state: dict[str, Any] | None,
+) -> _Run:
+    """Model on ``device``, masked-prediction head and targets, optimizer, resumed state."""
     if rank is None:
         rank = _distributed()[0]
     _, world = _distributed()
@@ -355,128 +407,166 @@ def tapt_loop(
     state = TaptState(model, optimizer, scheduler, head=head, targets=targets)
     if start_state is not None:
         state.load_state_dict(start_state)
-
-    skip = state.batch_in_epoch if replay_batches else 0
-    stream = _BatchStream(batches, state.epoch, skip)
-    trainable = [p for p in parameters if p.requires_grad]
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         if _use_bf16(cfg, device)
         else contextlib.nullcontext()
     )
-    # Feature masking (SpecAugment over channels) is not part of either objective, and
-    # transformers draws it from NumPy's global RNG: off during TAPT, restored afterwards.
-    saved_feature_mask_prob = core.config.mask_feature_prob
-    core.config.mask_feature_prob = 0.0
+    trainable = [p for p in parameters if p.requires_grad]
+    return _Run(cfg, state, core, objective, device, rank, world, trainable, autocast)
 
-    window: list[dict[str, torch.Tensor]] = []
-    # Losses not yet copied to the host (one sync per log/checkpoint, not per step).
-    pending_losses: list[torch.Tensor] = []
-    window_start = time.perf_counter()
-    window_utterances = 0
-    window_samples = 0
-    started = time.perf_counter()
+
+@dataclasses.dataclass
+class _LogWindow:
+    """The steps since the last ``on_metrics`` call, and the losses not yet copied to the host
+    (one device sync per log line or checkpoint, not per step)."""
+
+    steps: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+    pending_losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    utterances: int = 0
+    samples: int = 0
+
+    def add(
+        self,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        stats: dict[str, torch.Tensor],
+        batch: dict[str, Any],
+    ) -> None:
+        self.steps.append({"loss": loss.detach(), "grad_norm": grad_norm.detach(), **stats})
+        self.pending_losses.append(loss.detach())
+        self.utterances += int(batch["input_values"].shape[0])
+        self.samples += int(batch["lengths"].sum())
+
+    def reset(self) -> None:
+        """Start the next window (pending losses are flushed by whoever reads them)."""
+        self.steps = []
+        self.started = time.perf_counter()
+        self.utterances = self.samples = 0
+
+
+def _run_steps(
+    run: _Run,
+    stream: _BatchStream,
+    on_checkpoint: Callable[[int, dict[str, Any]], None] | None,
+    on_metrics: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """Optimizer steps until ``cfg.steps``, with the callbacks; returns the last metrics."""
+    cfg, state = run.cfg, run.state
+    window = _LogWindow()
     last_metrics: dict[str, Any] = {}
     empty_in_a_row = 0
-    model.train()
-    if head is not None:
-        head.train()
-    try:
-        while state.step < cfg.steps:
-            batch = _batch_to_device(stream.next(), device)
-            state.epoch, state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
-            lengths = frame_lengths(core, batch)
-            generator = generator_for(cfg.seed, rank, state.step, _MASK_STREAM)
-            mask = compute_span_mask(
-                lengths,
-                num_frames(core, batch),
-                cfg.mask_prob,
-                cfg.mask_length,
-                cfg.min_masks,
-                generator,
-            )
-            if not bool(mask.any()):
-                # Every utterance is shorter than two frames: nothing to learn from this batch.
-                state.skipped_batches += 1
-                empty_in_a_row += 1
-                if empty_in_a_row >= _MAX_CONSECUTIVE_EMPTY:
-                    raise ValueError(
-                        f"{empty_in_a_row} TAPT batches in a row had no utterance of two or more "
-                        "encoder frames (40 ms); check the audio lengths of the TAPT corpus"
-                    )
-                continue
-            empty_in_a_row = 0
-            with _rng_fork(device):
-                torch.manual_seed(seedsequence_seed(cfg.seed, rank, state.step, _TORCH_STREAM))
-                with autocast:
-                    if objective == "wav2vec2":
-                        negatives = sample_negatives(mask, lengths, cfg.num_negatives, generator)
-                        loss, stats = wav2vec2_pretraining_loss(
-                            model,
-                            batch,
-                            mask,
-                            negatives,
-                            gumbel_temperature(state.step, cfg),
-                            cfg.diversity_loss_weight,
-                        )
-                    else:
-                        assert head is not None and targets is not None
-                        frame_targets = targets(batch)
-                        loss, stats = hubert_pretraining_loss(
-                            model, head, batch, mask, frame_targets
-                        )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            if head is not None and world > 1:
-                _all_reduce_mean(head.parameters(), world)
-            if cfg.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float("inf"))
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            state.step += 1
-
-            window.append({"loss": loss.detach(), "grad_norm": grad_norm.detach(), **stats})
-            pending_losses.append(loss.detach())
-            window_utterances += int(batch["input_values"].shape[0])
-            window_samples += int(batch["lengths"].sum())
-            finished = state.step >= cfg.steps
-            if state.step % cfg.log_every == 0 or finished:
-                elapsed = time.perf_counter() - window_start
-                _flush_losses(state, pending_losses)
-                last_metrics = _window_metrics(window, state.step)
-                last_metrics.update(
-                    lr=lr_now,
-                    epoch=state.epoch,
-                    seconds_per_step=elapsed / len(window),
-                    utterances_per_s=window_utterances / max(elapsed, 1e-9),
-                    samples_per_s=window_samples / max(elapsed, 1e-9),
-                    skipped_batches=state.skipped_batches,
+    while state.step < cfg.steps:
+        batch = _batch_to_device(stream.next(), run.device)
+        state.epoch, state.batch_in_epoch = stream.epoch, stream.batch_in_epoch
+        lengths = frame_lengths(run.core, batch)
+        generator = generator_for(cfg.seed, run.rank, state.step, _MASK_STREAM)
+        mask = compute_span_mask(
+            lengths,
+            num_frames(run.core, batch),
+            cfg.mask_prob,
+            cfg.mask_length,
+            cfg.min_masks,
+            generator,
+        )
+        if not bool(mask.any()):
+            # Every utterance is shorter than two frames: nothing to learn from this batch.
+            state.skipped_batches += 1
+            empty_in_a_row += 1
+            if empty_in_a_row >= _MAX_CONSECUTIVE_EMPTY:
+                raise ValueError(
+                    f"{empty_in_a_row} TAPT batches in a row had no utterance of two or more "
+                    "encoder frames (40 ms); check the audio lengths of the TAPT corpus"
                 )
-                if objective == "wav2vec2":
-                    last_metrics["gumbel_temperature"] = gumbel_temperature(state.step - 1, cfg)
-                if on_metrics is not None:
-                    on_metrics(dict(last_metrics))
-                window = []
-                window_start = time.perf_counter()
-                window_utterances = window_samples = 0
-            if on_checkpoint is not None and (state.step % cfg.checkpoint_every == 0 or finished):
-                _flush_losses(state, pending_losses)
-                on_checkpoint(state.step, state.state_dict(cfg))
-    finally:
-        core.config.mask_feature_prob = saved_feature_mask_prob
+            continue
+        empty_in_a_row = 0
+        loss, grad_norm, stats, lr_now = _train_step(run, batch, lengths, mask, generator)
+        window.add(loss, grad_norm, stats, batch)
+        finished = state.step >= cfg.steps
+        if state.step % cfg.log_every == 0 or finished:
+            last_metrics = _log_metrics(run, window, lr_now)
+            if on_metrics is not None:
+                on_metrics(dict(last_metrics))
+            window.reset()
+        if on_checkpoint is not None and (state.step % cfg.checkpoint_every == 0 or finished):
+            _flush_losses(state, window.pending_losses)
+            on_checkpoint(state.step, state.state_dict(cfg))
+    return last_metrics
 
-    return {
-        "steps": state.step,
-        "objective": objective,
-        "loss_history": list(state.loss_history),
-        "last_metrics": last_metrics,
-        "seconds": time.perf_counter() - started,
-        "skipped_batches": state.skipped_batches,
-        "state": state,
-    }
+
+def _train_step(
+    run: _Run,
+    batch: dict[str, Any],
+    lengths: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]:
+    """One optimizer step on ``batch``: (loss, gradient norm, loss stats, learning rate used)."""
+    cfg, state = run.cfg, run.state
+    with _rng_fork(run.device):
+        # Dropout and Gumbel noise come from torch's global RNG: seeded from (seed, rank, step)
+        # so that a resumed step draws what the uninterrupted one drew.
+        torch.manual_seed(seedsequence_seed(cfg.seed, run.rank, state.step, _TORCH_STREAM))
+        with run.autocast:
+            loss, stats = _objective_loss(run, batch, lengths, mask, generator)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    if state.head is not None and run.world > 1:
+        # The head lives outside the DDP wrapper, so nothing else averages its gradients.
+        _all_reduce_mean(state.head.parameters(), run.world)
+    if cfg.grad_clip is not None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, float("inf"))
+    lr_now = state.optimizer.param_groups[0]["lr"]
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return loss, grad_norm, stats, lr_now
+
+
+def _objective_loss(
+    run: _Run,
+    batch: dict[str, Any],
+    lengths: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The objective's loss; contrastive negatives continue the mask's ``generator``."""
+    cfg, state = run.cfg, run.state
+    if run.objective == "wav2vec2":
+        negatives = sample_negatives(mask, lengths, cfg.num_negatives, generator)
+        return wav2vec2_pretraining_loss(
+            state.model,
+            batch,
+            mask,
+            negatives,
+            gumbel_temperature(state.step, cfg),
+            cfg.diversity_loss_weight,
+        )
+    assert state.head is not None and state.targets is not None
+    frame_targets = state.targets(batch)
+    return hubert_pretraining_loss(state.model, state.head, batch, mask, frame_targets)
+
+
+def _log_metrics(run: _Run, window: _LogWindow, lr_now: float) -> dict[str, Any]:
+    """The metrics of the window's steps (means; ``n_masked`` summed) and throughput."""
+    state = run.state
+    elapsed = time.perf_counter() - window.started
+    _flush_losses(state, window.pending_losses)
+    metrics = _window_metrics(window.steps, state.step)
+    metrics.update(
+        lr=lr_now,
+        epoch=state.epoch,
+        seconds_per_step=elapsed / len(window.steps),
+        utterances_per_s=window.utterances / max(elapsed, 1e-9),
+        samples_per_s=window.samples / max(elapsed, 1e-9),
+        skipped_batches=state.skipped_batches,
+    )
+    if run.objective == "wav2vec2":
+        metrics["gumbel_temperature"] = gumbel_temperature(state.step - 1, run.cfg)
+    return metrics
 
 
 def _flush_losses(state: TaptState, pending: list[torch.Tensor]) -> None:
