@@ -443,4 +443,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data)
-

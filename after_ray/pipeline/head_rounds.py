@@ -31,6 +31,7 @@ import numpy as np
 
 from after_ray.config.backbone import BackboneConfig
 from after_ray.config.sections import Config
+from after_ray.store import layout
 from after_ray.store.atomic import atomic_write_json
 from after_ray.store.score_cache import PoolScores
 
@@ -87,7 +88,7 @@ class FeatureSpace:
         pool_ids: list[str],
         class_names: list[str],
     ) -> FeatureSpace:
-        from after_ray.distributed.scoring import score_rows
+        from after_ray.distributed.backend import RayBackend
         from after_ray.faults import failpoint
         from after_ray.training.head import pool_standardisation
 
@@ -102,19 +103,14 @@ class FeatureSpace:
         root = Path(config.run.output_dir).resolve() / "_features" / key
         model_dir = root / "model"
         _ensure_feature_model(config, backbone_dir, class_names, model_dir)
-        from after_ray.distributed.session import ensure_ray
-
-        ensure_ray(config.ray)
         failpoint("stage:features")
         with state.timed("features"):
-            scores = score_rows(
+            scores = RayBackend(config).score(
                 rows,
                 model_dir,
-                audio=config.audio,
-                ray_cfg=config.ray,
+                cache_root=root / layout.SCORES_DIR,
                 mc_samples=0,
                 seed=FEATURE_SEED,
-                cache_root=root / "scores",
             )
         if config.finetune.speaker_norm:
             speakers = {r["utt_id"]: r.get("speaker") for r in rows}

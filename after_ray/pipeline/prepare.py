@@ -94,8 +94,7 @@ def load_rows(corpus: CorpusConfig, sample_rate: int = 16000) -> list[dict[str, 
 
 def prepare(config: Config) -> PrepareResult:
     """Run the prepare stage for ``config`` and return where everything was written."""
-    from after_ray.distributed.audio_data import probe_audio
-    from after_ray.distributed.session import ensure_ray
+    from after_ray.distributed.backend import RayBackend
 
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +106,7 @@ def prepare(config: Config) -> PrepareResult:
         good, quarantined = pq.read_table(cache / PROBE_GOOD), pq.read_table(cache / PROBE_BAD)
         log.info("prepare: probe results of %d files reused from %s", len(rows), cache)
     else:
-        ensure_ray(config.ray)
-        good, quarantined = probe_audio(rows, config.audio)
+        good, quarantined = RayBackend(config).probe(rows)
         with staged_directory(cache, what="the probe cache") as staging:
             pq.write_table(good, staging / PROBE_GOOD)
             pq.write_table(quarantined, staging / PROBE_BAD)

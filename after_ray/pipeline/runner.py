@@ -28,6 +28,7 @@ from after_ray.al.pool import PoolView
 from after_ray.al.strategies import Strategy, get_strategy
 from after_ray.config.sections import Config
 from after_ray.data import manifest
+from after_ray.distributed.backend import RayBackend
 from after_ray.errors import RunStateError
 from after_ray.faults import failpoint
 from after_ray.metrics import classification_report
@@ -72,10 +73,6 @@ def _stable_hash(payload: Any) -> str:
     ]
 
 
-def _storage_path(config: Config) -> str:
-    return config.run.storage_path or str((config.run_dir / layout.RAY_STORAGE_DIR).resolve())
-
-
 def _elapsed(state: RunState) -> float:
     """Wall time spent on this run so far, summed over stages (resumes do not count the gap)."""
     return float(sum(t["seconds"] for t in state.timings()))
@@ -83,12 +80,6 @@ def _elapsed(state: RunState) -> float:
 
 def _seed(*parts: Any) -> int:
     return int(_stable_hash(parts), 16) % (2**31)
-
-
-def _ray(config: Config) -> None:
-    from after_ray.distributed.session import ensure_ray
-
-    ensure_ray(config.ray)
 
 
 # -------------------------------------------------------------------------------------- stages
@@ -129,22 +120,10 @@ def stage_tapt(config: Config, state: RunState, pool_rows: list[dict]) -> str:
     )
     out_dir = (Path(config.run.output_dir) / "_tapt" / key).resolve()
     if not (out_dir / "config.json").is_file():
-        from after_ray.distributed.train import run_tapt
-
-        _ray(config)
         failpoint("stage:tapt")
         print(f"tapt: {config.tapt.steps} steps on {len(pool_rows)} utterances ...", flush=True)
         with state.timed("tapt"):
-            summary = run_tapt(
-                rows=pool_rows,
-                tapt=config.tapt,
-                backbone=config.backbone,
-                audio=config.audio,
-                ray_cfg=config.ray,
-                storage_path=_storage_path(config),
-                name=f"tapt-{key}",
-                out_dir=out_dir,
-            )
+            summary = RayBackend(config).tapt(pool_rows, name=f"tapt-{key}", out_dir=out_dir)
         losses = summary.get("loss_history") or []
         # Beside the model, so two runs can be compared step by step (the reproducibility check).
         atomic_write_json(out_dir / TAPT_LOSSES_FILE, {"loss_history": losses}, what="TAPT losses")
@@ -196,19 +175,10 @@ def _embed_model(config: Config, state: RunState, backbone_dir: str, class_names
 
 
 def _score(config: Config, state: RunState, model_dir, rows, tag: str, round_index, stage=None):
-    from after_ray.distributed.scoring import score_rows
-
-    _ray(config)
     failpoint(f"stage:{stage or 'score_' + tag}")
     with state.timed(stage or f"score_{tag}", round_index):
-        return score_rows(
-            rows,
-            model_dir,
-            audio=config.audio,
-            ray_cfg=config.ray,
-            mc_samples=config.al.mc_dropout_samples,
-            seed=config.run.seed,
-            cache_root=config.run_dir / layout.SCORES_DIR / tag,
+        return RayBackend(config).score(
+            rows, model_dir, cache_root=config.run_dir / layout.SCORES_DIR / tag
         )
 
 
@@ -376,8 +346,6 @@ def _finetune_round(
     ref = state.checkpoint(round_index)
     if ref is not None and _usable_model(ref):
         return ref
-    from after_ray.distributed.train import run_finetune
-
     labels = state.labels()
     train_rows = []
     for utt_id in sorted(labels):
@@ -409,22 +377,17 @@ def _finetune_round(
             )
         state.record_checkpoint(round_index, str(out_dir))
         return str(out_dir)
-    backbone_cfg = dataclasses.replace(config.backbone, name_or_path=backbone_dir)
-    _ray(config)
     failpoint("stage:finetune")
     print(
         f"round {round_index}: fine-tuning on {len(train_rows)} labeled utterances ...", flush=True
     )
     with state.timed("finetune", round_index):
-        summary = run_finetune(
-            train_rows=train_rows,
-            val_rows=val_rows,
-            class_names=class_names,
+        summary = RayBackend(config).finetune(
+            train_rows,
+            val_rows,
+            class_names,
             finetune_cfg=ft_cfg,
-            backbone=backbone_cfg,
-            audio=config.audio,
-            ray_cfg=config.ray,
-            storage_path=_storage_path(config),
+            backbone_dir=backbone_dir,
             name=f"{config.run.name}-finetune-r{round_index:03d}",
             out_dir=out_dir,
             warm_start_dir=warm,
