@@ -504,61 +504,151 @@ def finetune(
             f"{len(class_names)} class names for a classifier with {core.n_classes} outputs"
         )
     started = time.perf_counter()
-    n_classes = core.n_classes
     model.to(device)
-    weights_np: np.ndarray | None = None
-    if cfg.class_weighted:
-        counts = (
-            np.asarray(class_counts, dtype=np.float64)
-            if class_counts is not None
-            else _count_classes(train_batches, n_classes)
-        )
-        if counts.shape != (n_classes,):
-            raise ConfigError(f"class_counts must have {n_classes} entries, got {counts.shape}")
-        weights_np = class_weights_from_counts(counts)
-    weights = (
-        torch.tensor(weights_np, dtype=torch.float32, device=device)
-        if weights_np is not None
-        else None
-    )
+    weights_np, weights = _loss_weights(cfg, train_batches, core.n_classes, class_counts, device)
 
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    history: list[EpochRecord] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_report: dict[str, Any] = {}
-    best_epoch, best_ua, since_best = -1, -math.inf, 0
+    selection = _Selection()
     stopped_early = False
     first_epoch = 0
     if start_state is not None:
         core.load_state_dict(start_state["model"])
         optimizer.load_state_dict(start_state["optimizer"])
-        history = [EpochRecord(**record) for record in start_state["history"]]
-        best_state = start_state["best_model"]
-        best_report = json.loads(start_state["best_report_json"])
-        best_epoch, best_ua = int(start_state["best_epoch"]), float(start_state["best_ua"])
-        since_best = int(start_state["since_best"])
+        selection = _Selection.from_checkpoint(start_state)
         first_epoch = int(start_state["next_epoch"])
     for epoch in range(first_epoch, cfg.epochs):
-        # Reseed per epoch: dropout and SpecAugment draws then depend on (seed, epoch) only.
-        torch.manual_seed(blake2b_seed(cfg.seed, epoch, "torch"))
-        tick = time.perf_counter()
-        train_loss = train_one_epoch(
+        train_loss, report, train_s, val_s = _train_and_validate(
             model,
             optimizer,
-            train_batches(epoch),
-            n_classes=n_classes,
+            train_batches,
+            val_batches,
+            class_names,
             class_weights=weights,
             cfg=cfg,
             epoch=epoch,
             device=device,
         )
-        train_s = time.perf_counter() - tick
-        tick = time.perf_counter()
-        report = evaluate(model, val_batches(), class_names, device=device)
-        val_s = time.perf_counter() - tick
-        improved = report["ua"] > best_ua  # ties keep the earlier epoch
+        record = selection.add(epoch, train_loss, report, train_s, val_s, core)
+        if on_epoch_end is not None and on_epoch_end(record, model):
+            stopped_early = epoch < cfg.epochs - 1
+            break
+        if cfg.early_stopping_patience and selection.since_best >= cfg.early_stopping_patience:
+            stopped_early = epoch < cfg.epochs - 1
+            break
+        due = cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
+        if on_checkpoint is not None and due and epoch < cfg.epochs - 1:
+            on_checkpoint(epoch, _state_builder(epoch, core, optimizer, selection))
+    assert selection.best_state is not None  # at least one epoch ran and UA > -inf
+    core.load_state_dict(selection.best_state)
+    return FinetuneResult(
+        best_state_dict=selection.best_state,
+        best_epoch=selection.best_epoch,
+        best_val_ua=selection.best_ua,
+        best_val_report=selection.best_report,
+        history=selection.history,
+        class_weights=None if weights_np is None else [float(w) for w in weights_np],
+        stopped_early=stopped_early,
+        timings={
+            "total_s": time.perf_counter() - started,
+            "train_s": sum(r.train_s for r in selection.history),
+            "val_s": sum(r.val_s for r in selection.history),
+            "epochs_run": float(len(selection.history)),
+        },
+    )
+
+
+def _loss_weights(
+    cfg: FinetuneConfig,
+    train_batches: TrainBatches,
+    n_classes: int,
+    class_counts: Sequence[float] | None,
+    device: torch.device | str,
+) -> tuple[np.ndarray | None, torch.Tensor | None]:
+    """The loss's class weights, as numpy (for the result) and as a tensor on ``device``; both
+    None unless ``cfg.class_weighted``. Without ``class_counts`` they are counted from
+    ``train_batches(0)``."""
+    if not cfg.class_weighted:
+        return None, None
+    counts = (
+        np.asarray(class_counts, dtype=np.float64)
+        if class_counts is not None
+        else _count_classes(train_batches, n_classes)
+    )
+    if counts.shape != (n_classes,):
+        raise ConfigError(f"class_counts must have {n_classes} entries, got {counts.shape}")
+    weights_np = class_weights_from_counts(counts)
+    return weights_np, torch.tensor(weights_np, dtype=torch.float32, device=device)
+
+
+def _train_and_validate(
+    model: SERClassifier,
+    optimizer: torch.optim.Optimizer,
+    train_batches: TrainBatches,
+    val_batches: ValBatches,
+    class_names: Sequence[str],
+    *,
+    class_weights: torch.Tensor | None,
+    cfg: FinetuneConfig,
+    epoch: int,
+    device: torch.device | str,
+) -> tuple[float, dict[str, Any], float, float]:
+    """One epoch: (training loss, validation report, training seconds, validation seconds)."""
+    # Reseed per epoch: dropout and SpecAugment draws then depend on (seed, epoch) only.
+    torch.manual_seed(blake2b_seed(cfg.seed, epoch, "torch"))
+    tick = time.perf_counter()
+    train_loss = train_one_epoch(
+        model,
+        optimizer,
+        train_batches(epoch),
+        n_classes=len(class_names),
+        class_weights=class_weights,
+        cfg=cfg,
+        epoch=epoch,
+        device=device,
+    )
+    train_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    report = evaluate(model, val_batches(), class_names, device=device)
+    return train_loss, report, train_s, time.perf_counter() - tick
+
+
+@dataclass
+class _Selection:
+    """Model selection so far: every epoch's record, the best-validation-UA epoch (its weights
+    on the CPU, its report) and the early-stopping counter. Checkpoints carry all of it, so a
+    resumed run selects and stops exactly as an uninterrupted one."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_report: dict[str, Any] = field(default_factory=dict)
+    best_epoch: int = -1
+    best_ua: float = -math.inf
+    since_best: int = 0
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> _Selection:
+        return cls(
+            history=[EpochRecord(**record) for record in state["history"]],
+            best_state=state["best_model"],
+            best_report=json.loads(state["best_report_json"]),
+            best_epoch=int(state["best_epoch"]),
+            best_ua=float(state["best_ua"]),
+            since_best=int(state["since_best"]),
+        )
+
+    def add(
+        self,
+        epoch: int,
+        train_loss: float,
+        report: dict[str, Any],
+        train_s: float,
+        val_s: float,
+        core: SERClassifier,
+    ) -> EpochRecord:
+        """Record an epoch; when its UA is the best yet, keep a CPU copy of ``core``'s weights."""
+        improved = report["ua"] > self.best_ua  # ties keep the earlier epoch
         record = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
@@ -570,54 +660,42 @@ def finetune(
             val_s=val_s,
             is_best=improved,
         )
-        history.append(record)
+        self.history.append(record)
         if improved:
-            best_ua, best_epoch, since_best, best_report = report["ua"], epoch, 0, report
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()}
+            self.best_ua, self.best_epoch, self.since_best = report["ua"], epoch, 0
+            self.best_report = report
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in core.state_dict().items()
+            }
         else:
-            since_best += 1
-        if on_epoch_end is not None and on_epoch_end(record, model):
-            stopped_early = epoch < cfg.epochs - 1
-            break
-        if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
-            stopped_early = epoch < cfg.epochs - 1
-            break
-        due = cfg.checkpoint_every > 0 and (epoch + 1) % cfg.checkpoint_every == 0
-        if on_checkpoint is not None and due and epoch < cfg.epochs - 1:
-            # Built on demand (only the rank that saves pays for the copy); on_checkpoint calls it
-            # before returning, so the loop variables it reads are this epoch's.
-            def get_state(epoch: int = epoch) -> dict[str, Any]:
-                return {
-                    "next_epoch": epoch + 1,
-                    "model": {k: v.detach().to("cpu") for k, v in core.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "history": [dataclasses.asdict(r) for r in history],
-                    "best_model": best_state,  # noqa: B023
-                    # JSON: the report holds numpy scalars, which weights_only loading refuses.
-                    "best_report_json": json.dumps(to_jsonable(best_report)),  # noqa: B023
-                    "best_epoch": best_epoch,  # noqa: B023
-                    "best_ua": best_ua,  # noqa: B023
-                    "since_best": since_best,  # noqa: B023
-                }
+            self.since_best += 1
+        return record
 
-            on_checkpoint(epoch, get_state)
-    assert best_state is not None  # at least one epoch ran and UA > -inf
-    core.load_state_dict(best_state)
-    return FinetuneResult(
-        best_state_dict=best_state,
-        best_epoch=best_epoch,
-        best_val_ua=best_ua,
-        best_val_report=best_report,
-        history=history,
-        class_weights=None if weights_np is None else [float(w) for w in weights_np],
-        stopped_early=stopped_early,
-        timings={
-            "total_s": time.perf_counter() - started,
-            "train_s": sum(r.train_s for r in history),
-            "val_s": sum(r.val_s for r in history),
-            "epochs_run": float(len(history)),
-        },
-    )
+
+def _state_builder(
+    epoch: int, core: SERClassifier, optimizer: torch.optim.Optimizer, selection: _Selection
+) -> Callable[[], dict[str, Any]]:
+    """``get_state`` for ``on_checkpoint``: the state to resume after ``epoch``.
+
+    Built on demand (only the rank that saves pays for the copy); on_checkpoint calls it before
+    returning, so what it reads of ``selection`` is this epoch's.
+    """
+
+    def get_state() -> dict[str, Any]:
+        return {
+            "next_epoch": epoch + 1,
+            "model": {k: v.detach().to("cpu") for k, v in core.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "history": [dataclasses.asdict(r) for r in selection.history],
+            "best_model": selection.best_state,
+            # JSON: the report holds numpy scalars, which weights_only loading refuses.
+            "best_report_json": json.dumps(to_jsonable(selection.best_report)),
+            "best_epoch": selection.best_epoch,
+            "best_ua": selection.best_ua,
+            "since_best": selection.since_best,
+        }
+
+    return get_state
 
 
 # --------------------------------------------------------------------------------- benchmark
