@@ -24,6 +24,7 @@ from after_ray.config import schema as config_schema
 from after_ray.config.audio import AudioConfig
 from after_ray.config.backbone import BackboneConfig, TaptConfig
 from after_ray.config.finetune import FinetuneConfig
+from after_ray.config.overrides import parse_yaml_value, read_yaml_file, split_dotted
 from after_ray.errors import ConfigError
 
 # Neutral-heavy, angry/sad rare: the shape of natural SER corpora (IEMOCAP's improvised sessions,
@@ -379,21 +380,14 @@ class Config:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"al.budget.max_total=0.2"`` -> (["al", "budget", "max_total"], 0.2)."""
-    if "=" not in text:
-        raise ConfigError(
-            f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. al.budget.max_total=0.2"
-        )
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: the key {key!r} is not a dotted path like a.b.c")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
-    except (RecursionError, ValueError) as exc:  # absurd nesting, an int of thousands of digits
-        raise ConfigError(f"override {text[:60]!r}...: the value cannot be read ({exc})") from None
-    return key.split("."), value
+    where = f"override {text!r}"
+    key, raw = split_dotted(
+        text,
+        where=where,
+        expected="expected KEY=VALUE with a dotted key, e.g. al.budget.max_total=0.2",
+        bad_key="the key {key!r} is not a dotted path like a.b.c",
+    )
+    return key.split("."), parse_yaml_value(raw, where=where)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -413,22 +407,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found (pass --config path/to/file.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
-    except (RecursionError, ValueError) as exc:  # absurd nesting, an int of thousands of digits
-        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+    data = read_yaml_file(path, what="config file", how_to_pass="--config path/to/file.yaml")
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"config file {str(path)!r}: the top level must be a mapping of sections "
+            f"config file {str(Path(path))!r}: the top level must be a mapping of sections "
             f"(run, corpus, audio, ...), got {type(data).__name__}"
         )
     return data

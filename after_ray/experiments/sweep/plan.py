@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from after_ray.config.overrides import parse_yaml_value, read_yaml_file, split_dotted
 from after_ray.config.sections import Config, apply_overrides, config_from_dict
 from after_ray.errors import ConfigError
 
@@ -199,14 +198,13 @@ def parse_axes(texts: list[str]) -> dict[str, list[Any]]:
     """
     axes: dict[str, list[Any]] = {}
     for text in texts:
-        if "=" not in text:
-            raise ConfigError(
-                f"sweep axis {text!r}: expected KEY=V1,V2,... with a dotted config key, "
-                "e.g. al.strategy=after,random"
-            )
-        key, raw = (part.strip() for part in text.split("=", 1))
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"sweep axis {text!r}: {key!r} is not a dotted key like al.strategy")
+        key, raw = split_dotted(
+            text,
+            where=f"sweep axis {text!r}",
+            expected="expected KEY=V1,V2,... with a dotted config key, e.g. al.strategy=after,random",
+            bad_key="{key!r} is not a dotted key like al.strategy",
+        )
+        raw = raw.strip()
         if key in axes:
             raise ConfigError(f"sweep axis {key!r} is given twice; list all its values in one")
         values = []
@@ -215,12 +213,9 @@ def parse_axes(texts: list[str]) -> dict[str, list[Any]]:
                 raise ConfigError(
                     f"sweep axis {key!r}: empty value in {raw!r} (values are comma-separated)"
                 )
-            try:
-                values.append(yaml.safe_load(piece))
-            except yaml.YAMLError as exc:
-                raise ConfigError(
-                    f"sweep axis {key!r}: value {piece!r} is not valid YAML ({exc})"
-                ) from None
+            values.append(
+                parse_yaml_value(piece, where=f"sweep axis {key!r}", what=f"value {piece!r}")
+            )
         axes[key] = _as_values(key, values)
     return axes
 
@@ -228,13 +223,7 @@ def parse_axes(texts: list[str]) -> dict[str, list[Any]]:
 def load_sweep_spec(path: str | Path) -> SweepSpec:
     """A sweep spec from YAML: ``axes: {al.strategy: [after, random], run.seed: [0, 1]}`` plus
     optional ``max_concurrent_trials``, ``trial_cpus``, ``trial_gpus``, ``local_training``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep spec {str(path)!r} not found (pass --spec path/to/sweep.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"sweep spec {str(path)!r} is not valid YAML: {exc}") from None
+    data = read_yaml_file(path, what="sweep spec", how_to_pass="--spec path/to/sweep.yaml")
     return SweepSpec.from_dict(data or {}, where=f"sweep spec {str(path)!r}")
 
 
