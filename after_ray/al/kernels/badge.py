@@ -39,6 +39,7 @@ activations. Memory: ``O(N (C + 4))`` float64 plus one ``chunk_rows x H`` chunk;
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -105,67 +106,7 @@ def badge_kmeanspp(
         return np.empty(0, dtype=np.int64)
     st = stats if stats is not None else BadgeStats()
     t_start = time.perf_counter()
-    full = m == len(p)
-
-    def h_rows(idx: np.ndarray) -> np.ndarray:
-        return np.asarray(h[cand[idx]], dtype=np.float64)
-
-    a = _residual(p if full else p[cand])  # [m, C]
-    hn = np.empty(m, dtype=np.float64)
-    for s in range(0, m, chunk_rows):
-        blk = np.asarray(h[s : s + chunk_rows] if full else h[cand[s : s + chunk_rows]], np.float64)
-        hn[s : s + len(blk)] = np.einsum("ij,ij->i", blk, blk)
-    gn = np.einsum("ij,ij->i", a, a) * hn  # ||g||^2
-
-    # Centers as factors: a (C), h (H, float64), ||g||^2.
-    c_a = np.empty((k, a.shape[1]), dtype=np.float64)
-    c_h = np.empty((k, h.shape[1]), dtype=np.float64)
-    c_g = np.empty(k, dtype=np.float64)
-    picks = np.empty(k, dtype=np.int64)
-    chosen = np.zeros(m, dtype=bool)
-
-    def add_center(j: int, i: int) -> None:
-        picks[j] = cand[i]
-        chosen[i] = True
-        c_a[j] = a[i]
-        c_h[j] = h_rows(np.array([i]))[0]
-        c_g[j] = gn[i]
-
-    first = int(np.argmax(gn))
-    add_center(0, first)
-    # Exact D2 to the first center: one pass over the activations.
-    d2 = np.empty(m, dtype=np.float64)
-    aa0 = a @ c_a[0]
-    for s in range(0, m, chunk_rows):
-        e = min(m, s + chunk_rows)
-        blk = np.asarray(h[s:e] if full else h[cand[s:e]], np.float64)
-        d2[s:e] = gn[s:e] + c_g[0] - 2.0 * aa0[s:e] * (blk @ c_h[0])
-    d2[d2 < _ZERO_REL * (gn + c_g[0])] = 0.0
-    d2[first] = 0.0
-    ep = np.ones(m, dtype=np.int32)  # centers already folded into d2
-    st.picks = 1
-
-    def refresh(idx: np.ndarray, j: int) -> None:
-        """Exact d2 for rows idx against centers ep[idx]..j-1.
-
-        In blocks of rows whose [rows x centers] temporaries stay a few MB: larger ones are
-        fresh mmap'd memory every time, and their page faults cost more than the arithmetic."""
-        stale = idx[ep[idx] < j]
-        if not len(stale):
-            return
-        lo = int(ep[stale].min())
-        block = max(1, _BLOCK_VALUES // (j - lo))
-        for s in range(0, len(stale), block):
-            rows = stale[s : s + block]
-            dist = (h_rows(rows) @ c_h[lo:j].T) * (a[rows] @ c_a[lo:j].T)
-            dist *= -2.0
-            scale = gn[rows][:, None] + c_g[lo:j][None, :]
-            dist += scale
-            dist[dist < _ZERO_REL * scale] = 0.0
-            d2[rows] = np.minimum(d2[rows], dist.min(axis=1))
-        ep[stale] = j
-        st.refreshed_rows += len(stale)
-        st.refresh_pairs += len(stale) * (j - lo)
+    seeding = _Seeding(p, h, cand, k, chunk_rows, st)
 
     rng = np.random.default_rng(seed)
     t_loop = time.perf_counter()
@@ -178,38 +119,140 @@ def badge_kmeanspp(
     with np.errstate(divide="ignore", invalid="ignore"):
         for j in range(1, k):
             rng.random(out=u)  # the same draws as rng.random(m)
-            # lb <= -log(u) / d2_exact because -log(u) >= 1 - u and d2 >= d2_exact; chosen rows
-            # (d2 == 0) and exact duplicates of centers get +inf.
-            np.subtract(1.0, u, out=lb)
-            np.divide(lb, d2, out=lb)
-            while True:
-                i = int(np.argmin(lb))
-                if not np.isfinite(lb[i]):
-                    # Every candidate left has d2 == 0 (stale values are upper bounds).
-                    i = int(np.argmin(chosen))
-                    break
-                refresh(np.array([i]), j)
-                key_i = -np.log(u[i]) / d2[i] if d2[i] > 0 else np.inf
-                lb[i] = key_i
-                if not np.isfinite(key_i):
-                    continue  # it coincides with a center; look again
-                rivals = np.flatnonzero(np.less_equal(lb, key_i, out=below))  # sorted; has i
-                if len(rivals) == 1:
-                    break
-                refresh(rivals, j)
-                keys = -np.log(u[rivals]) / d2[rivals]
-                keys[d2[rivals] <= 0] = np.inf
-                lb[rivals] = keys
-                st.exact_keys += len(rivals)
-                w = int(np.argmin(keys))  # ties: the lowest position, as in the reference
-                i = int(rivals[w])  # keys[w] <= key_i is finite
-                break
-            add_center(j, i)
-            d2[i] = 0.0
-            ep[i] = j + 1
+            i = _race_winner(seeding, j, u, lb, below)
+            seeding.add_center(j, i)
+            seeding.d2[i] = 0.0
+            seeding.ep[i] = j + 1
             st.picks += 1
     st.picks_s = time.perf_counter() - t_loop
-    return picks
+    return seeding.picks
+
+
+def _h_blocks(
+    h: np.ndarray, cand: np.ndarray, full: bool, chunk_rows: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float64 activations of candidates start..start+chunk_rows), in order: a pass
+    over the activations that holds one chunk at a time, never all of ``h`` in float64."""
+    m = len(cand)
+    for s in range(0, m, chunk_rows):
+        e = min(m, s + chunk_rows)
+        yield s, np.asarray(h[s:e] if full else h[cand[s:e]], np.float64)
+
+
+class _Seeding:
+    """k-means++ state on factored gradient embeddings.
+
+    Candidate ``i`` (a position in ``cand``) has its residual ``a[i]`` and ``gn[i] = ||g_i||^2``;
+    centers are kept as factors (``c_a``, ``c_h``, ``c_g``). ``d2[i]`` is exact against centers
+    ``0..ep[i]-1`` only, an upper bound of the true D2 (see the module docstring).
+    Construction picks the first center and makes every ``d2`` exact against it.
+    """
+
+    def __init__(
+        self,
+        p: np.ndarray,
+        h: np.ndarray,
+        cand: np.ndarray,
+        k: int,
+        chunk_rows: int,
+        stats: BadgeStats,
+    ) -> None:
+        m = len(cand)
+        self.h, self.cand, self.stats = h, cand, stats
+        full = m == len(p)
+        self.a = _residual(p if full else p[cand])  # [m, C]
+        hn = np.empty(m, dtype=np.float64)
+        for s, blk in _h_blocks(h, cand, full, chunk_rows):
+            hn[s : s + len(blk)] = np.einsum("ij,ij->i", blk, blk)
+        self.gn = np.einsum("ij,ij->i", self.a, self.a) * hn  # ||g||^2
+
+        # Centers as factors: a (C), h (H, float64), ||g||^2.
+        self.c_a = np.empty((k, self.a.shape[1]), dtype=np.float64)
+        self.c_h = np.empty((k, h.shape[1]), dtype=np.float64)
+        self.c_g = np.empty(k, dtype=np.float64)
+        self.picks = np.empty(k, dtype=np.int64)
+        self.chosen = np.zeros(m, dtype=bool)
+
+        first = int(np.argmax(self.gn))
+        self.add_center(0, first)
+        # Exact D2 to the first center: one pass over the activations.
+        self.d2 = np.empty(m, dtype=np.float64)
+        aa0 = self.a @ self.c_a[0]
+        for s, blk in _h_blocks(h, cand, full, chunk_rows):
+            e = s + len(blk)
+            self.d2[s:e] = self.gn[s:e] + self.c_g[0] - 2.0 * aa0[s:e] * (blk @ self.c_h[0])
+        self.d2[self.d2 < _ZERO_REL * (self.gn + self.c_g[0])] = 0.0
+        self.d2[first] = 0.0
+        self.ep = np.ones(m, dtype=np.int32)  # centers already folded into d2
+        stats.picks = 1
+
+    def h_rows(self, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(self.h[self.cand[idx]], dtype=np.float64)
+
+    def add_center(self, j: int, i: int) -> None:
+        self.picks[j] = self.cand[i]
+        self.chosen[i] = True
+        self.c_a[j] = self.a[i]
+        self.c_h[j] = self.h_rows(np.array([i]))[0]
+        self.c_g[j] = self.gn[i]
+
+    def refresh(self, idx: np.ndarray, j: int) -> None:
+        """Exact d2 for rows idx against centers ep[idx]..j-1.
+
+        In blocks of rows whose [rows x centers] temporaries stay a few MB: larger ones are
+        fresh mmap'd memory every time, and their page faults cost more than the arithmetic."""
+        ep, d2 = self.ep, self.d2
+        stale = idx[ep[idx] < j]
+        if not len(stale):
+            return
+        lo = int(ep[stale].min())
+        block = max(1, _BLOCK_VALUES // (j - lo))
+        for s in range(0, len(stale), block):
+            rows = stale[s : s + block]
+            dist = (self.h_rows(rows) @ self.c_h[lo:j].T) * (self.a[rows] @ self.c_a[lo:j].T)
+            dist *= -2.0
+            scale = self.gn[rows][:, None] + self.c_g[lo:j][None, :]
+            dist += scale
+            dist[dist < _ZERO_REL * scale] = 0.0
+            d2[rows] = np.minimum(d2[rows], dist.min(axis=1))
+        ep[stale] = j
+        self.stats.refreshed_rows += len(stale)
+        self.stats.refresh_pairs += len(stale) * (j - lo)
+
+
+def _race_winner(
+    seeding: _Seeding, j: int, u: np.ndarray, lb: np.ndarray, below: np.ndarray
+) -> int:
+    """Position of center ``j``: the argmin over candidates of ``-log(u) / D2``.
+
+    Only candidates whose lower bound ``(1 - u) / d2`` can beat the best exact key so far are
+    refreshed and get their exact key; ``lb`` and ``below`` are scratch buffers of length m.
+    """
+    d2 = seeding.d2
+    # lb <= -log(u) / d2_exact because -log(u) >= 1 - u and d2 >= d2_exact; chosen rows
+    # (d2 == 0) and exact duplicates of centers get +inf.
+    np.subtract(1.0, u, out=lb)
+    np.divide(lb, d2, out=lb)
+    while True:
+        i = int(np.argmin(lb))
+        if not np.isfinite(lb[i]):
+            # Every candidate left has d2 == 0 (stale values are upper bounds).
+            return int(np.argmin(seeding.chosen))
+        seeding.refresh(np.array([i]), j)
+        key_i = -np.log(u[i]) / d2[i] if d2[i] > 0 else np.inf
+        lb[i] = key_i
+        if not np.isfinite(key_i):
+            continue  # it coincides with a center; look again
+        rivals = np.flatnonzero(np.less_equal(lb, key_i, out=below))  # sorted; has i
+        if len(rivals) == 1:
+            return i
+        seeding.refresh(rivals, j)
+        keys = -np.log(u[rivals]) / d2[rivals]
+        keys[d2[rivals] <= 0] = np.inf
+        lb[rivals] = keys
+        seeding.stats.exact_keys += len(rivals)
+        w = int(np.argmin(keys))  # ties: the lowest position, as in the reference
+        return int(rivals[w])  # keys[w] <= key_i is finite
 
 
 def gradient_embedding(probs: np.ndarray, penultimate: np.ndarray) -> np.ndarray:
