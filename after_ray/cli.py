@@ -107,7 +107,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from after_ray.store.run_state import check_run_dir
+    from after_ray.store.check import check_run_dir
 
     problems = check_run_dir(Path(args.run_dir))
     if not problems:

@@ -34,8 +34,9 @@ from after_ray.cli import main
 from after_ray.config.sections import Config, load_config
 from after_ray.errors import LabelImportError
 from after_ray.pipeline import labeling
+from after_ray.store.check import check_run_dir
 from after_ray.store.layout import LABELS_FILE
-from after_ray.store.run_state import RunState, check_run_dir, read_labels_file
+from after_ray.store.run_state import RunState, read_labels_file
 
 FUZZ = settings(
     max_examples=150,

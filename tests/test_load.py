@@ -27,8 +27,9 @@ import pytest
 from after_ray.al.strategies import get_strategy
 from after_ray.al.strategies.hybrid import prefilter_size
 from after_ray.bench.load import run_load_benchmark
+from after_ray.store.check import check_run_dir
 from after_ray.store.layout import LABELS_FILE
-from after_ray.store.run_state import RunState, check_run_dir
+from after_ray.store.run_state import RunState
 from after_ray.store.score_cache import read_scores
 
 N, D, K, ROUNDS = 200_000, 32, 500, 2

@@ -25,7 +25,8 @@ from after_ray.config.sections import load_config
 from after_ray.data.manifest import read_manifest
 from after_ray.models.classifier_io import verify_classifier_dir
 from after_ray.pipeline.runner import run_active_learning
-from after_ray.store.run_state import RunState, check_run_dir
+from after_ray.store.check import check_run_dir
+from after_ray.store.run_state import RunState
 
 REPO = Path(__file__).resolve().parent.parent
 

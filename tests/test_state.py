@@ -18,13 +18,9 @@ import pytest
 
 from after_ray.errors import RunStateError
 from after_ray.store import atomic
+from after_ray.store.check import check_run_dir
 from after_ray.store.layout import LABELS_FILE, selection_path
-from after_ray.store.run_state import (
-    SELECTION_META_KEY,
-    SELECTION_SCHEMA,
-    RunState,
-    check_run_dir,
-)
+from after_ray.store.run_state import SELECTION_META_KEY, SELECTION_SCHEMA, RunState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,9 @@ import pytest
 import after_ray.store.run_state as state_module
 from after_ray.errors import RunStateError
 from after_ray.store import atomic, layout
+from after_ray.store.check import check_run_dir
 from after_ray.store.layout import LABELS_FILE, STATE_FILE
-from after_ray.store.run_state import RunState, check_run_dir
+from after_ray.store.run_state import RunState
 
 IDS0 = [f"c/s{i % 3}/u{i:03d}" for i in range(6)]
 IDS1 = [f"c/s{i % 3}/v{i:03d}" for i in range(6)]

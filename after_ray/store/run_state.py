@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import time
 from collections import Counter
@@ -63,20 +62,17 @@ from after_ray.store.atomic import (
     fsync_dir,
     is_temp_file,
     recover_staged_leftovers,
-    staged_leftovers,
     to_jsonable,
     write_failure,
 )
 from after_ray.store.layout import (
     LABELS_FILE,
     LOCK_FILE,
-    MANIFEST_FILE,
     METRICS_FILE,
     ROUND_DIR_NAME,
     ROUNDS_DIR,
     STATE_FILE,
     round_dir,
-    round_metrics_path,
     selection_path,
 )
 
@@ -96,9 +92,6 @@ SELECTION_META_KEY = b"after_ray.selection"
 
 # The fields that make two label entries "the same label" (the time of writing does not).
 LABEL_IDENTITY = ("utt_id", "label", "votes", "round", "source", "annotator")
-# state.json stage-info keys whose string values name files or directories; ``check`` verifies
-# that they exist (relative values are relative to the run directory; URIs are not checked).
-_PATH_KEY = re.compile(r"^(path|checkpoint|.*_(path|dir|file|checkpoint))$")
 
 
 def now_iso() -> str:
@@ -344,7 +337,7 @@ class RunState:
     def _load(self) -> None:
         state_path = self.run_dir / STATE_FILE
         if state_path.exists():
-            self._state = _read_state_json(state_path)
+            self._state = read_state_json(state_path)
         else:
             self._commit_state(
                 {
@@ -362,7 +355,7 @@ class RunState:
     def _remove_temp_files(self) -> None:
         # We hold the lock, so no writer of this run is alive: these are leftovers of a killed
         # one, and the files they were meant to replace are intact.
-        for path in _temp_files(self.run_dir):
+        for path in temp_files(self.run_dir):
             logger.info("removing %s, left by an interrupted write", path)
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -676,7 +669,7 @@ class RunState:
         return atomic_write_json(path, dict(metrics), what=f"the metrics of round {round_index}")
 
     def metrics(self, round_index: int) -> dict[str, Any] | None:
-        return _read_json_file(self.round_dir(round_index) / METRICS_FILE)
+        return read_json_file(self.round_dir(round_index) / METRICS_FILE)
 
     def record_checkpoint(self, round_index: int, ref: str) -> None:
         """Point the round at its trained model (a path, relative to the run dir or absolute,
@@ -778,7 +771,7 @@ def _label_entry(row: Mapping[str, Any], round_index: int, time_now: str) -> dic
     return entry
 
 
-def _read_json_file(path: Path) -> dict[str, Any] | None:
+def read_json_file(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
@@ -790,8 +783,8 @@ def _read_json_file(path: Path) -> dict[str, Any] | None:
         ) from exc
 
 
-def _read_state_json(path: Path) -> dict[str, Any]:
-    state = _read_json_file(path)
+def read_state_json(path: Path) -> dict[str, Any]:
+    state = read_json_file(path)
     if not isinstance(state, dict) or not isinstance(state.get("schema_version"), int):
         raise RunStateError(
             f"{str(path)!r} is not an after-ray run state (no schema_version): check the path"
@@ -881,7 +874,7 @@ def _lock_message(run_dir: Path, holder: Mapping[str, Any]) -> str:
     )
 
 
-def _temp_files(run_dir: Path) -> list[Path]:
+def temp_files(run_dir: Path) -> list[Path]:
     """Leftover atomic-write temp files in the run dir and its round directories."""
     places = [run_dir] + [round_dir(run_dir, r) for r in list_rounds(run_dir)]
     found = []
@@ -889,179 +882,3 @@ def _temp_files(run_dir: Path) -> list[Path]:
         if place.is_dir():
             found.extend(p for p in sorted(place.iterdir()) if p.is_file() and is_temp_file(p.name))
     return found
-
-
-def _lock_is_held(run_dir: Path) -> bool:
-    lock_path = run_dir / LOCK_FILE
-    if not lock_path.exists():
-        return False
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        # A shared probe: it fails only while someone holds the exclusive run lock.
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _referenced_paths(state: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(where in state.json, path) for every local file state.json points at."""
-    refs = []
-    for round_key, ref in sorted(state.get("checkpoints", {}).items()):
-        refs.append((f"checkpoint of round {round_key}", ref))
-    for stage, info in state.get("stages", {}).items():
-        for key, value in (info or {}).items():
-            if isinstance(value, str) and _PATH_KEY.match(key):
-                refs.append((f"stage {stage!r} {key}", value))
-    return [(where, ref) for where, ref in refs if ref and "://" not in ref]
-
-
-# --------------------------------------------------------------------------- check
-
-
-def check_run_dir(run_dir: str | Path) -> list[str]:
-    """Every inconsistency of a run directory, each with how to fix it; [] when clean.
-
-    Read-only and lock-free, so it can inspect a run that another process is using; in that
-    case a temp file or an unterminated last label line may be a write in progress and is not
-    reported.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return [f"{run_dir}: no such directory. Fix: check the path"]
-    problems: list[str] = []
-    in_use = _lock_is_held(run_dir)
-    if in_use:
-        logger.info("%s is in use by a running process; skipping in-flight write checks", run_dir)
-
-    state: dict[str, Any] | None = None
-    state_path = run_dir / STATE_FILE
-    if not state_path.exists():
-        problems.append(
-            f"{state_path}: missing. Fix: this is not a run directory, or the run never "
-            "started; start or resume the run on it"
-        )
-    else:
-        try:
-            state = _read_state_json(state_path)
-        except RunStateError as exc:
-            problems.append(f"{state_path}: {exc}")
-
-    if state is not None:
-        for where, ref in _referenced_paths(state):
-            target = Path(ref.removeprefix("file://"))
-            if not target.is_absolute():
-                target = run_dir / target
-            if not target.exists():
-                problems.append(
-                    f"{state_path}: the {where} points at {ref!r}, which does not exist. Fix: "
-                    "restore it, or re-run that stage/round (a later run re-creates it)"
-                )
-
-    if not in_use:
-        for path in _temp_files(run_dir):
-            problems.append(
-                f"{path}: temporary file left by an interrupted write (the file it was meant to "
-                "replace is intact). Fix: delete it, or resume the run, which removes it"
-            )
-        for path in staged_leftovers(run_dir):
-            problems.append(
-                f"{path}: directory left by an interrupted directory swap. Fix: resume the run, "
-                "which puts a moved-aside previous version back and deletes the rest"
-            )
-
-    labels_path = run_dir / LABELS_FILE
-    parsed = read_labels_file(labels_path)
-    if parsed.torn_offset is not None and not in_use:
-        problems.append(
-            f"{labels_path} line {parsed.torn_line}: torn by a crash mid-append "
-            f"({parsed.torn_preview!r}). Fix: resume the run, which truncates it and acquires "
-            "that label again"
-        )
-    for number, reason in parsed.bad_lines:
-        problems.append(
-            f"{labels_path} line {number}: {reason}. Fix: correct or delete the line by hand"
-        )
-    first_seen: dict[str, tuple[int, dict[str, Any]]] = {}
-    for number, entry in parsed.entries:
-        utt_id = entry["utt_id"]
-        if utt_id in first_seen:
-            first_number, first = first_seen[utt_id]
-            kind = (
-                "an identical duplicate"
-                if label_identity(first) == label_identity(entry)
-                else f"a conflicting label ({entry['label']!r} vs {first['label']!r})"
-            )
-            problems.append(
-                f"{labels_path} line {number}: {utt_id!r} is labeled again, {kind} of line "
-                f"{first_number}. Fix: delete the wrong line"
-            )
-        else:
-            first_seen[utt_id] = (number, entry)
-
-    manifest_path = run_dir / MANIFEST_FILE
-    if manifest_path.exists():
-        try:
-            manifest_ids = set(
-                pq.read_table(manifest_path, columns=["utt_id"])["utt_id"].to_pylist()
-            )
-        except (OSError, pa.ArrowException, KeyError) as exc:
-            problems.append(
-                f"{manifest_path}: cannot be read ({exc}). Fix: re-run `after-ray prepare`"
-            )
-        else:
-            for utt_id, (number, _entry) in first_seen.items():
-                if utt_id not in manifest_ids:
-                    problems.append(
-                        f"{labels_path} line {number}: {utt_id!r} is not in {manifest_path}. "
-                        "Fix: the manifest was rebuilt with different ids; rebuild it from the "
-                        "same corpus and config, or delete the line"
-                    )
-
-    selections: dict[int, list[str]] = {}
-    for r in list_rounds(run_dir):
-        try:
-            ids = read_selection(run_dir, r)
-        except RunStateError as exc:
-            problems.append(str(exc))
-            continue
-        if ids is not None:
-            selections[r] = ids
-            dupes = [u for u, n in Counter(ids).items() if n > 1]
-            if dupes:
-                problems.append(
-                    f"{selection_path(run_dir, r)}: repeats utt_ids {dupes[:5]}. Fix: remove "
-                    "the round directory and re-run the round"
-                )
-        try:
-            _read_json_file(round_metrics_path(run_dir, r))
-        except RunStateError as exc:
-            problems.append(str(exc))
-
-    labeled_in = {u: e["round"] for u, (_n, e) in first_seen.items()}
-    for r, ids in sorted(selections.items()):
-        earlier = [u for u in ids if labeled_in.get(u, r) < r]
-        if earlier:
-            problems.append(
-                f"{selection_path(run_dir, r)}: {len(earlier)} selected items were already "
-                f"labeled in an earlier round, e.g. {earlier[:5]}. Fix: the strategy must "
-                "exclude labeled items; remove this round's directory and re-run the round"
-            )
-    selection_sets = {r: set(ids) for r, ids in selections.items()}
-    for utt_id, (number, entry) in first_seen.items():
-        if utt_id not in selection_sets.get(entry["round"], set()):
-            problems.append(
-                f"{labels_path} line {number}: {utt_id!r} is labeled in round {entry['round']} "
-                "but that round's selection does not contain it. Fix: the selection file was "
-                "removed or replaced; restore it, or delete the label line"
-            )
-    return problems
