@@ -276,6 +276,19 @@ def _annotator_name(annotation: Mapping[str, Any]) -> str | None:
 def _parse_label_studio(
     text: str, class_names: Sequence[str], problems: _Problems
 ) -> list[_Answer]:
+    tasks = _load_tasks(text, problems)
+    if tasks is None:
+        return []
+    answers = []
+    for number, task in enumerate(tasks, start=1):
+        answer = _task_answer(number, task, class_names, problems)
+        if answer is not None:
+            answers.append(answer)
+    return answers
+
+
+def _load_tasks(text: str, problems: _Problems) -> list[Any] | None:
+    """The export's list of tasks, or None (with the problem recorded)."""
     try:
         tasks = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -284,7 +297,7 @@ def _parse_label_studio(
             f"not valid JSON ({exc.msg})",
             "export the project from Label Studio again (Export > JSON)",
         )
-        return []
+        return None
     except (ValueError, RecursionError) as exc:
         # Valid JSON syntax that Python refuses: nesting deeper than the recursion limit, or an
         # integer beyond str->int's digit limit. Neither comes from Label Studio.
@@ -294,107 +307,123 @@ def _parse_label_studio(
             f"cannot be read as Label Studio JSON ({reason})",
             "export the project from Label Studio again (Export > JSON)",
         )
-        return []
+        return None
     if not isinstance(tasks, list):
         problems.add(
             "top level",
             f"expected a list of Label Studio tasks, found a JSON {type(tasks).__name__}",
             "use Label Studio's 'JSON' export (not JSON-MIN or CSV)",
         )
-        return []
-    answers = []
-    for number, task in enumerate(tasks, start=1):
-        task_id = task.get("id") if isinstance(task, dict) else None
-        where = f"task #{number}" + (f" (id {task_id})" if task_id is not None else "")
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict) or not isinstance(data.get("utt_id"), str):
-            problems.add(
-                where,
-                "no data.utt_id",
-                "import the tasks written by `after-ray label export` so every task keeps its "
-                "utt_id, and use Label Studio's 'JSON' export",
-            )
+        return None
+    return tasks
+
+
+def _task_answer(
+    number: int, task: Any, class_names: Sequence[str], problems: _Problems
+) -> _Answer | None:
+    """What task ``number`` (1-based) says, or None when it has a problem (recorded)."""
+    task_id = task.get("id") if isinstance(task, dict) else None
+    where = f"task #{number}" + (f" (id {task_id})" if task_id is not None else "")
+    data = task.get("data") if isinstance(task, dict) else None
+    if not isinstance(data, dict) or not isinstance(data.get("utt_id"), str):
+        problems.add(
+            where,
+            "no data.utt_id",
+            "import the tasks written by `after-ray label export` so every task keeps its "
+            "utt_id, and use Label Studio's 'JSON' export",
+        )
+        return None
+    utt_id = data["utt_id"].strip()
+    annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        problems.add(where, "'annotations' is not a list", "export the project again")
+        return None
+    votes: list[str] = []
+    annotators: list[str] = []
+    bad = False
+    for k, annotation in enumerate(annotations, start=1):
+        try:
+            vote = _annotation_vote(annotation, utt_id, class_names)
+        except _Rejected as rejected:
+            # Keep going: the import lists every problem of the file at once.
+            problems.add(f"{where} annotation {k}", rejected.problem, rejected.fix)
+            bad = True
             continue
-        utt_id = data["utt_id"].strip()
-        votes: list[str] = []
-        annotators: list[str] = []
-        bad = False
-        annotations = task.get("annotations") or []
-        if not isinstance(annotations, list):
-            problems.add(where, "'annotations' is not a list", "export the project again")
-            continue
-        for k, annotation in enumerate(annotations, start=1):
-            if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
-                continue
-            chosen: list[str] = []
-            results = annotation.get("result") or []
-            if not isinstance(results, list):
-                problems.add(
-                    f"{where} annotation {k}",
-                    f"'result' is a {type(results).__name__}, not a list",
-                    "export the project again with Label Studio's 'JSON' export",
-                )
-                bad = True
-                continue
-            for result in results:
-                value = result.get("value") if isinstance(result, dict) else None
-                if isinstance(value, dict) and isinstance(value.get("choices"), list):
-                    chosen.extend(str(c) for c in value["choices"])
-            if not chosen:
-                continue  # an empty (skipped) annotation says nothing
-            if len(chosen) > 1:
-                problems.add(
-                    f"{where} annotation {k}",
-                    f"several classes chosen ({chosen}) for {utt_id!r}",
-                    'use the exported labeling config (choice="single") and re-annotate it',
-                )
-                bad = True
-                continue
-            label = _canonical(chosen[0], class_names)
-            if label is None:
-                problems.add(
-                    f"{where} annotation {k}",
-                    f"choice {chosen[0]!r} for {utt_id!r} is not one of {list(class_names)}",
-                    "use the exported labeling config, whose choices are the class names",
-                )
-                bad = True
-                continue
-            name = _annotator_name(annotation)
-            if name is not None and not _storable(name):
-                problems.add(
-                    f"{where} annotation {k}",
-                    f"the annotator name {name!r} is not valid Unicode text",
-                    "export the project from Label Studio again",
-                )
-                bad = True
-                continue
+        if vote is not None:
+            label, name = vote
             votes.append(label)
             if name:
                 annotators.append(name)
-        if bad:
-            continue
-        paths = [data["path"]] if isinstance(data.get("path"), str) and data["path"] else []
-        audio = data.get("audio")
-        # Label Studio URLs (http://..., /data/local-files/?d=..., /data/upload/...) are not
-        # filesystem paths; a plain path given as audio is checked like `path`.
-        if (
-            isinstance(audio, str)
-            and audio
-            and "://" not in audio
-            and not audio.startswith("/data/")
-        ):
-            paths.append(audio)
-        answers.append(
-            _Answer(
-                where,
-                utt_id,
-                majority_label(votes, class_names, prefer=None) if votes else None,
-                votes=votes if len(votes) > 1 else None,
-                annotator=",".join(annotators) or None,
-                paths=paths,
-            )
+    if bad:
+        return None
+    return _Answer(
+        where,
+        utt_id,
+        majority_label(votes, class_names, prefer=None) if votes else None,
+        votes=votes if len(votes) > 1 else None,
+        annotator=",".join(annotators) or None,
+        paths=_task_paths(data),
+    )
+
+
+class _Rejected(Exception):
+    """An annotation that cannot be counted: what is wrong with it and the fix."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+def _annotation_vote(
+    annotation: Any, utt_id: str, class_names: Sequence[str]
+) -> tuple[str, str | None] | None:
+    """(class, annotator name) of one annotation; None when it says nothing (cancelled, or
+    skipped with no choice). Raises ``_Rejected`` for one that cannot be counted."""
+    if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
+        return None
+    results = annotation.get("result") or []
+    if not isinstance(results, list):
+        raise _Rejected(
+            f"'result' is a {type(results).__name__}, not a list",
+            "export the project again with Label Studio's 'JSON' export",
         )
-    return answers
+    chosen: list[str] = []
+    for result in results:
+        value = result.get("value") if isinstance(result, dict) else None
+        if isinstance(value, dict) and isinstance(value.get("choices"), list):
+            chosen.extend(str(c) for c in value["choices"])
+    if not chosen:
+        return None  # an empty (skipped) annotation says nothing
+    if len(chosen) > 1:
+        raise _Rejected(
+            f"several classes chosen ({chosen}) for {utt_id!r}",
+            'use the exported labeling config (choice="single") and re-annotate it',
+        )
+    label = _canonical(chosen[0], class_names)
+    if label is None:
+        raise _Rejected(
+            f"choice {chosen[0]!r} for {utt_id!r} is not one of {list(class_names)}",
+            "use the exported labeling config, whose choices are the class names",
+        )
+    name = _annotator_name(annotation)
+    if name is not None and not _storable(name):
+        raise _Rejected(
+            f"the annotator name {name!r} is not valid Unicode text",
+            "export the project from Label Studio again",
+        )
+    return label, name
+
+
+def _task_paths(data: dict[str, Any]) -> list[str]:
+    """The filesystem paths a task names (``path``, and ``audio`` when it is a plain path)."""
+    paths = [data["path"]] if isinstance(data.get("path"), str) and data["path"] else []
+    audio = data.get("audio")
+    # Label Studio URLs (http://..., /data/local-files/?d=..., /data/upload/...) are not
+    # filesystem paths; a plain path given as audio is checked like `path`.
+    if isinstance(audio, str) and audio and "://" not in audio and not audio.startswith("/data/"):
+        paths.append(audio)
+    return paths
 
 
 def _storable(text: str) -> bool:
