@@ -493,6 +493,40 @@ def import_labels(
 
     root = Path(corpus_root) if corpus_root is not None else None
     stored = state.labels()
+    merged = _merge_answers(answers, expected, round, root, problems)
+    rows = _new_label_rows(merged, stored, round, problems)
+    if problems:
+        listing = "\n  - ".join(problems)
+        raise LabelImportError(
+            f"{path}: {len(problems)} problem(s); nothing was imported and the run state is "
+            f"unchanged:\n  - {listing}"
+        )
+    written = state.append_labels(round, rows)
+    still_missing = state.pending_ids(round)
+    if still_missing:
+        logger.warning(
+            "round %d: %d of %d selected items still have no label (e.g. %s); import them "
+            "when they are done",
+            round,
+            len(still_missing),
+            len(selected),
+            still_missing[:5],
+        )
+    return written
+
+
+def _merge_answers(
+    answers: list[_Answer],
+    expected: set[str],
+    round: int,
+    root: Path | None,
+    problems: _Problems,
+) -> dict[str, _Answer]:
+    """The labeled answers by utt_id, in file order; identical duplicates merge into the first.
+
+    Records answers for items outside ``expected``, paths outside ``root`` and contradicting
+    duplicates as problems.
+    """
     merged: dict[str, _Answer] = {}
     for answer in answers:
         if answer.utt_id not in expected:
@@ -524,7 +558,17 @@ def import_labels(
                 )
             continue  # identical duplicates merge into the first
         merged[answer.utt_id] = answer
+    return merged
 
+
+def _new_label_rows(
+    merged: dict[str, _Answer],
+    stored: Mapping[str, Mapping[str, Any]],
+    round: int,
+    problems: _Problems,
+) -> list[dict[str, Any]]:
+    """The label entries to append for ``merged``; an item already labeled otherwise in
+    ``stored`` is a problem, since labels are never replaced."""
     rows = []
     for utt_id, answer in merged.items():
         row = {
@@ -546,22 +590,4 @@ def import_labels(
             )
             continue
         rows.append(row)
-
-    if problems:
-        listing = "\n  - ".join(problems)
-        raise LabelImportError(
-            f"{path}: {len(problems)} problem(s); nothing was imported and the run state is "
-            f"unchanged:\n  - {listing}"
-        )
-    written = state.append_labels(round, rows)
-    still_missing = state.pending_ids(round)
-    if still_missing:
-        logger.warning(
-            "round %d: %d of %d selected items still have no label (e.g. %s); import them "
-            "when they are done",
-            round,
-            len(still_missing),
-            len(selected),
-            still_missing[:5],
-        )
-    return written
+    return rows
