@@ -60,3 +60,12 @@ def test_config_and_al_core_load_and_select_with_torch_ray_and_audio_blocked():
 def test_an_unknown_strategy_name_fails_when_the_config_loads(key):
     with pytest.raises(ConfigError, match=rf"{key}: unknown selection strategy 'aftr'"):
         load_config(REPO / "configs" / "demo.yaml", [f"{key}=aftr"])
+
+
+def test_the_config_names_exactly_the_corpora_that_have_a_loader():
+    # The config checks corpus.name without importing the loaders (and their audio stack);
+    # "synth" and "merged" are composed by prepare from the loaders below.
+    from after_ray.config.sections import CORPUS_NAMES
+    from after_ray.data.corpora import LOADERS
+
+    assert set(CORPUS_NAMES) == set(LOADERS) | {"synth", "merged"}
