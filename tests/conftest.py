@@ -40,3 +40,17 @@ def ray_session(tmp_path_factory):
     yield ray
     # Shut down once, at the end of the session.
     ray.shutdown()
+
+
+# The suite's tiers are its folders; each test gets its folder's marker, so
+# `pytest -m unit` (seconds) or `pytest -m "not integration"` picks a tier without a list.
+TIERS = ("unit", "integration", "faults")
+
+
+def pytest_collection_modifyitems(config, items):
+    from pathlib import Path
+
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

@@ -1,6 +1,6 @@
 """The evidence of `after-ray bench al`: does a strategy save labels over random, seed-paired?
 
-Input: the run directories of a bench sweep (``bench_al.py``): every arm (``run_info.json``'s
+Input: the run directories of a bench sweep (``bench/al.py``): every arm (``run_info.json``'s
 ``arm``, else its strategy) x every seed, plus one full-data run per seed. Output:
 ``bench_al.md`` (for people), ``bench_al.json`` (the same numbers) and ``bench_al.png`` (learning
 curves per arm, mean +- std over seeds, full-data UA as a line).

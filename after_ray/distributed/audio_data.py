@@ -6,7 +6,7 @@
 - ``audio_dataset``: manifest -> decode -> mono -> resample -> crop (train) or chunk (score) ->
   normalise, lazily and streaming. Only the small manifest rows are shuffled; decoded audio is
   produced block by block under Ray Data's backpressure, so a corpus many times the object store
-  flows through it (``tests/test_audio_data.py`` checks this).
+  flows through it (``tests/integration/test_audio_data.py`` checks this).
 - ``PadCollate``: the ``iter_torch_batches`` collate class that pads a batch into the tensors of
   the audio-batch contract (input_values, attention_mask, lengths, utt_id, label_index,
   soft_target, chunk_index).

@@ -131,7 +131,7 @@ def _score_on_actor_pool(rows, model_dir, audio: AudioConfig, ray_cfg, mc_sample
         # outside the args that operator fusion compares).
         # Not passed here on purpose: remote args that differ from decode_batch's stop Ray Data
         # from fusing the decoding into these actors, and the decode tasks then need CPUs beside
-        # the actors (a sweep deadlocks; see sweep.trial_peak). tests/test_worker_failures.py
+        # the actors (a sweep deadlocks; see sweep.trial_peak). tests/faults/test_worker_failures.py
         # checks both: the fused plan, and a killed actor's batches retried.
     )
     # The same batches on every run: reproducible MC-dropout draws.

@@ -29,7 +29,7 @@ Loader = Callable[..., list[dict[str, Any]]]
 
 # Corpora read straight from disk. "synth" (the demo corpus, written in the generic CSV layout by
 # corpora/synth.py and read with the "csv" loader) and "merged" (several of these joined by
-# corpora/merge.py) are composed on top of these by the prepare stage (after_ray/prepare.py).
+# corpora/merge.py) are composed on top of these by the prepare stage (after_ray/pipeline/prepare.py).
 LOADERS: dict[str, Loader] = {
     "iemocap": iemocap.load,
     "savee": savee.load,

@@ -22,7 +22,7 @@ from after_ray.data.corpora import load_corpus
 from after_ray.data.corpora.synth import synthesize_corpus
 from after_ray.distributed.train import run_finetune, run_tapt
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def rows_with_durations(root: Path) -> list[dict]:

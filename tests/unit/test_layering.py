@@ -12,7 +12,7 @@ import pytest
 from after_ray.config.sections import load_config
 from after_ray.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BLOCKED = ("torch", "ray", "soundfile", "soxr", "transformers", "faiss", "pyarrow")
 

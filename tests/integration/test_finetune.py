@@ -15,11 +15,10 @@ from after_ray.config.backbone import BackboneConfig
 from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError
 from after_ray.models.backbones import load_backbone
-from after_ray.models.classifier import SERClassifier, SpecAugment
+from after_ray.models.classifier import SERClassifier, SpecAugment, build_classifier
 from after_ray.training.finetune import (
     CachedFeatureBatches,
     batch_targets,
-    build_classifier,
     build_cnn_cache,
     class_counts_from_labels,
     class_weights_from_counts,

@@ -12,7 +12,7 @@ from after_ray.cli import main
 from after_ray.config.sections import Config, load_config
 from after_ray.errors import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -3,7 +3,7 @@
 The kill is a real SIGKILL from a failpoint (``after_ray.faults``) in the actor process, armed
 with ``AFTER_RAY_FAILPOINT_ONCE`` so that exactly one process dies; the test checks the marker
 file the dying process creates, so it cannot pass without a kill. Tune trials killed once or
-failing for good are tested in tests/test_sweep.py, next to its tiny sweep setup.
+failing for good are tested in tests/integration/test_sweep.py, next to its tiny sweep setup.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from after_ray.pipeline.runner import run_active_learning
 from after_ray.store.check import check_run_dir
 from after_ray.store.run_state import RunState
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

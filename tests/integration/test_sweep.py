@@ -1,7 +1,7 @@
 """`after-ray sweep`: axis parsing, a 2 x 2 Ray Tune sweep aggregated over seeds, and a sweep
 whose driver is SIGKILLed mid-way and then resumed without recomputing finished work.
 
-The sweeps use a corpus even smaller than tests/test_runner.py's (6 speakers x 3 utterances
+The sweeps use a corpus even smaller than tests/integration/test_runner.py's (6 speakers x 3 utterances
 per emotion, 48 in the pool), 2 rounds (25% then 50%), one epoch per round and random cold start.
 """
 
@@ -23,7 +23,7 @@ from tiny_run import TINY, synth_corpus
 from after_ray.config.sections import config_from_dict, load_config
 from after_ray.errors import ConfigError, RunStateError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # The shared tiny run, cheaper: TAPT 4 steps, 1 epoch, random cold start, two rounds.
 BASE = copy.deepcopy(TINY)

@@ -32,7 +32,7 @@ import pytest
 import yaml
 from tiny_run import BALANCED_CLEAN
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 150
 HEAD_START_TIMEOUT_S = 90
 MANIFEST_COLUMNS = [

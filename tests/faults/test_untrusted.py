@@ -33,7 +33,7 @@ from after_ray.pipeline.labeling import import_labels
 from after_ray.store.layout import LABELS_FILE
 from after_ray.store.run_state import RunState
 
-PACKAGE = Path(__file__).resolve().parents[1] / "after_ray"
+PACKAGE = Path(__file__).resolve().parents[2] / "after_ray"
 
 
 class _Payload:

@@ -22,7 +22,7 @@ from after_ray.store.check import check_run_dir
 from after_ray.store.layout import LABELS_FILE, selection_path
 from after_ray.store.run_state import SELECTION_META_KEY, SELECTION_SCHEMA, RunState
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _temp_leftovers(directory: Path) -> list[str]:

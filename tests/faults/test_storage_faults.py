@@ -421,7 +421,7 @@ REAL_LIMIT_SCRIPT = textwrap.dedent(
 def run_limit_script(script: str, *args: Path, timeout: int) -> dict:
     """Run ``script`` in a child process (the size limit must not hit pytest itself); it prints
     its findings as JSON on its last line."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     result = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
         capture_output=True,
