@@ -24,8 +24,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -40,6 +41,12 @@ from after_ray.distributed.worker_audio import worker_audio
 from after_ray.errors import AfterRayError, exception_chain
 from after_ray.faults import failpoint
 from after_ray.store.atomic import staged_directory
+
+if TYPE_CHECKING:
+    import torch
+
+    from after_ray.models.classifier import SERClassifier
+    from after_ray.training.finetune import FinetuneResult
 
 log = logging.getLogger(__name__)
 
@@ -330,11 +337,8 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     """``train_loop_per_worker`` for one fine-tuning run on the labeled set."""
     import torch
 
-    from after_ray.models.backbones import load_backbone
-    from after_ray.models.classifier import build_classifier
-    from after_ray.models.classifier_io import load_classifier, save_classifier
-    from after_ray.store.torch_state import load_training_state, save_training_state
-    from after_ray.training.finetune import finetune, make_cached_providers
+    from after_ray.store.torch_state import save_training_state
+    from after_ray.training.finetune import finetune
 
     faults.install(loop_config.get("faults"))
     ft_cfg = FinetuneConfig(**loop_config["finetune"])
@@ -346,68 +350,15 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     device = _device()
 
     writer = CheckpointWriter(loop_config["local_checkpoint_dir"], rank)
-    with resume_dir(writer) as ckpt_dir:
-        if ckpt_dir is not None and (ckpt_dir / FINETUNE_RESULT).is_file():
-            # The run finished before the driver died: hand back the same result.
-            summary = json.loads((ckpt_dir / FINETUNE_RESULT).read_text())
-            writer.report(
-                {"best_val_ua": summary["best_val_ua"]},
-                {
-                    "model": _copier(ckpt_dir, "model"),
-                    FINETUNE_RESULT: lambda p: p.write_text(json.dumps(summary)),
-                },
-            )
-            return summary
-        start_state = None
-        if ckpt_dir is not None and (ckpt_dir / FINETUNE_STATE).is_file():
-            start_state = load_training_state(ckpt_dir / FINETUNE_STATE)
+    finished, start_state = _finetune_resume_point(writer)
+    if finished is not None:
+        return finished
 
-    torch.manual_seed(ft_cfg.seed)
-    if loop_config.get("warm_start_dir"):
-        model, _ = load_classifier(loop_config["warm_start_dir"])
-        model.train()
-    else:
-        backbone = load_backbone(BackboneConfig(**loop_config["backbone"]), for_pretraining=False)
-        model = build_classifier(backbone, len(class_names), ft_cfg)
-    model.to(device)
-    model = _wrap_ddp(model, world)
-    max_hours = loop_config["in_memory_max_hours"]
-    train_audio = worker_audio(
-        loop_config["train_rows"][rank::world],
-        audio_cfg,
-        label_to_index=label_to_index,
-        max_hours=max_hours,
-    )
-    # Every worker validates on all of the validation set, so all select the same best epoch.
-    val_audio = worker_audio(
-        loop_config["val_rows"], audio_cfg, label_to_index=label_to_index, max_hours=max_hours
-    )
-
-    def train_batches(epoch: int):
-        return _with_failpoint(
-            train_audio.train_batches(
-                seed=ft_cfg.seed + 7919 * rank, epoch=epoch, batch_size=ft_cfg.batch_size
-            ),
-            "finetune_step",
-        )
-
-    def val_batches():
-        return val_audio.eval_batches(batch_size=ft_cfg.batch_size)
-
+    model = _finetune_model(loop_config, ft_cfg, len(class_names), device, world)
     core = getattr(model, "module", model)
-    if ft_cfg.cache_features and core.feature_encoder_frozen:
-        # A frozen CNN encoder gives the same features every epoch: compute them once per
-        # utterance and train the rest of the model on the cache.
-        train_batches, val_provider, cache_stats = make_cached_providers(
-            ft_cfg,
-            core,
-            train_audio.eval_batches(batch_size=ft_cfg.batch_size),
-            val_batches(),
-            device=device,
-            sampling_rate=audio_cfg.sample_rate,
-        )
-        val_batches = val_provider  # noqa: F811 - the cached provider replaces the audio one
-        log.info("fine-tune: CNN feature cache %s", cache_stats)
+    train_batches, val_batches = _finetune_batches(
+        loop_config, ft_cfg, audio_cfg, label_to_index, core, rank=rank, world=world, device=device
+    )
 
     def on_checkpoint(epoch: int, get_state) -> None:
         # Every epoch: a worker lost mid-run (or the driver, in local mode) resumes with the
@@ -419,6 +370,7 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         )
         failpoint("finetune_checkpoint")
 
+    # Loss weights from the whole labeled set, not this worker's share of it.
     counts = [0.0] * len(class_names)
     for row in loop_config["train_rows"]:
         counts[label_to_index[row["label"]]] += 1.0
@@ -434,7 +386,14 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         start_state=start_state,
         on_checkpoint=on_checkpoint,
     )
-    summary = {
+    summary = _finetune_summary(result, len(loop_config["train_rows"]), start_state)
+    _report_finetune_result(writer, core, result, summary, class_names, ft_cfg)
+    return summary
+
+
+def _finetune_summary(result: FinetuneResult, n_train: int, start_state: dict | None) -> dict:
+    """What ``run_finetune`` returns (plain JSON data)."""
+    return {
         "best_epoch": result.best_epoch,
         "best_val_ua": result.best_val_ua,
         "best_val_report": result.best_val_report,
@@ -442,9 +401,123 @@ def finetune_worker_loop(loop_config: dict) -> dict:
         "class_weights": result.class_weights,
         "stopped_early": result.stopped_early,
         "timings": result.timings,
-        "n_train": len(loop_config["train_rows"]),
+        "n_train": n_train,
+        # > 0 when this attempt continued from a checkpoint (a restarted worker group or driver).
         "resumed_from_epoch": int(start_state["next_epoch"]) if start_state else 0,
     }
+
+
+def _finetune_resume_point(writer: CheckpointWriter) -> tuple[dict | None, dict | None]:
+    """(the summary of a run that had already finished, the state to resume from); None each
+    when there is none. A finished run's model and summary are reported again."""
+    from after_ray.store.torch_state import load_training_state
+
+    with resume_dir(writer) as ckpt_dir:
+        if ckpt_dir is not None and (ckpt_dir / FINETUNE_RESULT).is_file():
+            # The run finished before the driver died: hand back the same result.
+            summary = json.loads((ckpt_dir / FINETUNE_RESULT).read_text())
+            writer.report(
+                {"best_val_ua": summary["best_val_ua"]},
+                {
+                    "model": _copier(ckpt_dir, "model"),
+                    FINETUNE_RESULT: lambda p: p.write_text(json.dumps(summary)),
+                },
+            )
+            return summary, None
+        if ckpt_dir is not None and (ckpt_dir / FINETUNE_STATE).is_file():
+            return None, load_training_state(ckpt_dir / FINETUNE_STATE)
+    return None, None
+
+
+def _finetune_model(
+    loop_config: dict, ft_cfg: FinetuneConfig, n_classes: int, device: torch.device, world: int
+) -> torch.nn.Module:
+    """The classifier to train, on ``device`` and DDP-wrapped: the warm-start directory's, or a
+    new head on the configured backbone."""
+    import torch
+
+    from after_ray.models.backbones import load_backbone
+    from after_ray.models.classifier import build_classifier
+    from after_ray.models.classifier_io import load_classifier
+
+    # A new head's initial weights come from torch's global RNG.
+    torch.manual_seed(ft_cfg.seed)
+    if loop_config.get("warm_start_dir"):
+        model, _ = load_classifier(loop_config["warm_start_dir"])
+        model.train()
+    else:
+        backbone = load_backbone(BackboneConfig(**loop_config["backbone"]), for_pretraining=False)
+        model = build_classifier(backbone, n_classes, ft_cfg)
+    model.to(device)
+    return _wrap_ddp(model, world)
+
+
+def _finetune_batches(
+    loop_config: dict,
+    ft_cfg: FinetuneConfig,
+    audio_cfg: AudioConfig,
+    label_to_index: dict[str, int],
+    core: SERClassifier,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> tuple[Callable[[int], Iterable[dict]], Callable[[], Iterable[dict]]]:
+    """``finetune``'s (train_batches, val_batches): this worker's share of the training rows and
+    all of the validation rows, decoded per epoch, or served from the CNN feature cache."""
+    from after_ray.training.finetune import make_cached_providers
+
+    max_hours = loop_config["in_memory_max_hours"]
+    train_audio = worker_audio(
+        loop_config["train_rows"][rank::world],
+        audio_cfg,
+        label_to_index=label_to_index,
+        max_hours=max_hours,
+    )
+    # Every worker validates on all of the validation set, so all select the same best epoch.
+    val_audio = worker_audio(
+        loop_config["val_rows"], audio_cfg, label_to_index=label_to_index, max_hours=max_hours
+    )
+
+    def train_batches(epoch: int) -> Iterable[dict]:
+        return _with_failpoint(
+            train_audio.train_batches(
+                seed=ft_cfg.seed + 7919 * rank, epoch=epoch, batch_size=ft_cfg.batch_size
+            ),
+            "finetune_step",
+        )
+
+    def val_batches() -> Iterable[dict]:
+        return val_audio.eval_batches(batch_size=ft_cfg.batch_size)
+
+    if not (ft_cfg.cache_features and core.feature_encoder_frozen):
+        return train_batches, val_batches
+    # A frozen CNN encoder gives the same features every epoch: compute them once per
+    # utterance and train the rest of the model on the cache.
+    cached_train, cached_val, cache_stats = make_cached_providers(
+        ft_cfg,
+        core,
+        train_audio.eval_batches(batch_size=ft_cfg.batch_size),
+        val_batches(),
+        device=device,
+        sampling_rate=audio_cfg.sample_rate,
+    )
+    log.info("fine-tune: CNN feature cache %s", cache_stats)
+    return cached_train, cached_val
+
+
+def _report_finetune_result(
+    writer: CheckpointWriter,
+    core: SERClassifier,
+    result: FinetuneResult,
+    summary: dict,
+    class_names: list[str],
+    ft_cfg: FinetuneConfig,
+) -> None:
+    """The final report: the best-epoch classifier and the summary, which a restarted run
+    hands back without training again."""
+    from after_ray.models.classifier_io import save_classifier
+
     writer.report(
         {"best_val_ua": result.best_val_ua},
         {
@@ -458,7 +531,6 @@ def finetune_worker_loop(loop_config: dict) -> dict:
             FINETUNE_RESULT: lambda path: path.write_text(json.dumps(summary, default=float)),
         },
     )
-    return summary
 
 
 def run_finetune(
