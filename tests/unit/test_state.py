@@ -427,3 +427,39 @@ def test_check_reports_a_missing_run_and_missing_state(tmp_path):
     assert "no such directory" in check_run_dir(tmp_path / "absent")[0]
     (tmp_path / "empty").mkdir()
     assert "state.json" in check_run_dir(tmp_path / "empty")[0]
+
+
+def test_run_directory_names_are_the_ones_old_runs_were_written_with():
+    # The on-disk contract: a run directory written before the layout moved into
+    # store/layout must still resume, so these names never change.
+    from after_ray.store import layout
+
+    assert (
+        layout.LOCK_FILE,
+        layout.CONFIG_FILE,
+        layout.RUN_INFO_FILE,
+        layout.STATE_FILE,
+        layout.LABELS_FILE,
+        layout.MANIFEST_FILE,
+        layout.QUARANTINE_FILE,
+        layout.EMBED_MODEL_DIR,
+        layout.SCORES_DIR,
+        layout.LABELING_DIR,
+        layout.RAY_STORAGE_DIR,
+    ) == (
+        "run.lock",
+        "config.yaml",
+        "run_info.json",
+        "state.json",
+        "labels.jsonl",
+        "manifest.parquet",
+        "quarantine.parquet",
+        "embed_model",
+        "scores",
+        "labeling",
+        "ray",
+    )
+    assert str(layout.selection_path("r", 3)) == "r/rounds/round_003/selection.parquet"
+    assert str(layout.round_metrics_path("r", 12)) == "r/rounds/round_012/metrics.json"
+    assert str(layout.round_model_dir("r", 0)) == "r/rounds/round_000/model"
+    assert layout.ROUND_DIR_NAME.match("round_1000")
