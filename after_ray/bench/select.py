@@ -9,7 +9,7 @@ the data matrix.
 Strategies and their baselines:
 
 - ``coreset``: :func:`after_ray.al.kernels.kcenter.kcenter_greedy` (``shards > 1``: the exact Ray-sharded
-  version) vs :func:`after_ray.al.kernels.kcenter.kcenter_greedy_naive` (one float32 pass over the pool
+  version) vs :func:`after_ray.al.kernels.reference.kcenter_greedy_naive` (one float32 pass over the pool
   per pick) run for ``naive_picks`` picks; its time for ``k`` picks is *extrapolated* as
   setup + k x (measured time per pick). The naive picks must equal our first ``naive_picks``.
 - ``badge``: :func:`after_ray.al.kernels.badge.badge_kmeanspp` vs explicit BADGE (materialised
@@ -120,7 +120,7 @@ def _child(spec: dict) -> dict:
             out["work"] = {key: v for key, v in vars(st).items() if key != "extra"} | st.extra
         out["picks"] = picks.tolist()
     elif method == "kcenter_naive":
-        from after_ray.al.kernels.kcenter import kcenter_greedy_naive
+        from after_ray.al.kernels.reference import kcenter_greedy_naive
 
         tm: dict = {}
         picks = kcenter_greedy_naive(x, [], spec["naive_picks"], timings=tm)
@@ -134,11 +134,8 @@ def _child(spec: dict) -> dict:
         out["picks"] = picks.tolist()
         out["work"] = vars(st)
     elif method == "badge_explicit":
-        from after_ray.al.kernels.badge import (
-            badge_kmeanspp,
-            badge_kmeanspp_explicit,
-            gradient_embedding,
-        )
+        from after_ray.al.kernels.badge import badge_kmeanspp
+        from after_ray.al.kernels.reference import badge_kmeanspp_explicit, gradient_embedding
 
         h = _penultimate(x)
         # Equality on a small subset, float64 reference.

@@ -22,7 +22,6 @@ scoring always see full utterances, where the cache is exact.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -696,86 +695,3 @@ def _state_builder(
         }
 
     return get_state
-
-
-# --------------------------------------------------------------------------------- benchmark
-def benchmark_finetune_epoch(
-    cfg: FinetuneConfig,
-    model: SERClassifier,
-    batches: Sequence[Batch],
-    *,
-    device: torch.device | str = "cpu",
-    epochs: int = 1,
-    repeats: int = 3,
-    sampling_rate: int = 16000,
-) -> dict[str, float]:
-    """Wall time of a training epoch on ``batches`` with and without the CNN feature cache.
-
-    Both arms start from copies of ``model`` with the CNN encoder frozen (the cache only applies
-    then), train on the same batches in the same order, and run in this one call, interleaved
-    ``repeats`` times; each arm reports its fastest repeat (the least disturbed by other load on
-    the machine). The cached arm's time excludes building the cache, reported apart as
-    ``cache_build_s``; ``amortised_speedup`` includes it over ``epochs`` epochs. Audio decoding
-    and resampling, which the cache also saves in a real run, are outside both arms.
-    """
-    n_classes = model.n_classes
-    uncached = copy.deepcopy(model).to(device)
-    uncached.freeze_feature_encoder()
-    cached = copy.deepcopy(model).to(device)
-    cached.freeze_feature_encoder()
-
-    tick = time.perf_counter()
-    cache = build_cnn_cache(cached, batches, device=device)
-    results: dict[str, float] = {"cache_build_s": time.perf_counter() - tick}
-    cached_batches = []
-    for batch in batches:
-        ids = _utt_ids(batch)
-        provider = CachedFeatureBatches(cache, ids, batch_size=len(ids), shuffle=False)
-        cached_batch = next(iter(provider(0)))
-        for key in ("label_index", "soft_target"):
-            if key in batch:
-                cached_batch[key] = batch[key]
-        cached_batches.append(cached_batch)
-
-    arms = {
-        "uncached": (uncached, list(batches)),
-        "cached": (cached, cached_batches),
-    }
-    optimizers = {
-        name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr)
-        for name, (m, _) in arms.items()
-    }
-    fastest = dict.fromkeys(arms, math.inf)
-    for repeat in range(max(1, repeats)):
-        for name, (arm_model, arm_batches) in arms.items():
-            torch.manual_seed(blake2b_seed(cfg.seed, repeat))
-            tick = time.perf_counter()
-            for epoch in range(epochs):
-                train_one_epoch(
-                    arm_model,
-                    optimizers[name],
-                    arm_batches,
-                    n_classes=n_classes,
-                    class_weights=None,
-                    cfg=cfg,
-                    epoch=epoch,
-                    device=device,
-                )
-            fastest[name] = min(fastest[name], (time.perf_counter() - tick) / epochs)
-    results["uncached_epoch_s"] = fastest["uncached"]
-    results["cached_epoch_s"] = fastest["cached"]
-    results["speedup"] = results["uncached_epoch_s"] / results["cached_epoch_s"]
-    results["amortised_speedup"] = (epochs * results["uncached_epoch_s"]) / (
-        results["cache_build_s"] + epochs * results["cached_epoch_s"]
-    )
-    results["epochs"] = float(epochs)
-    results["utterances"] = float(sum(len(_utt_ids(b)) for b in batches))
-    samples = 0.0
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        values = (
-            mask if mask is not None else torch.ones_like(torch.as_tensor(batch["input_values"]))
-        )
-        samples += float(torch.as_tensor(values).sum())
-    results["audio_s"] = samples / sampling_rate
-    return results

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import after_ray.al.kernels.kcenter as kc
-from after_ray.al.kernels.kcenter import KCenterStats, kcenter_greedy, kcenter_greedy_naive
+from after_ray.al.kernels.kcenter import KCenterStats, kcenter_greedy
+from after_ray.al.kernels.reference import kcenter_greedy_naive
 
 
 def brute_force(x, labeled, k, candidates=None):

@@ -7,7 +7,7 @@ picks a batch by k-means++ seeding on the ``g_i``. The ``C*H`` vectors are never
     ||g_i||^2       = ||a_i||^2 ||h_i||^2
     ||g_i - g_j||^2 = ||g_i||^2 + ||g_j||^2 - 2 (a_i . a_j)(h_i . h_j)
 
-The seeding rule (what :func:`badge_kmeanspp` returns; :func:`badge_kmeanspp_explicit`
+The seeding rule (what :func:`badge_kmeanspp` returns; :func:`~after_ray.al.kernels.reference.badge_kmeanspp_explicit`
 reproduces it on materialised ``g`` for small inputs)
 ---------------------------------------------------------------------------------------
 ``U`` = candidate positions in increasing order (all rows when ``candidates`` is None),
@@ -43,7 +43,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["BadgeStats", "badge_kmeanspp", "badge_kmeanspp_explicit", "gradient_embedding"]
+__all__ = ["BadgeStats", "badge_kmeanspp"]
 
 
 _ZERO_REL = 1e-12  # distances below this fraction of ||g_i||^2 + ||g_c||^2 are exact zeros
@@ -253,67 +253,3 @@ def _race_winner(
         seeding.stats.exact_keys += len(rivals)
         w = int(np.argmin(keys))  # ties: the lowest position, as in the reference
         return int(rivals[w])  # keys[w] <= key_i is finite
-
-
-def gradient_embedding(probs: np.ndarray, penultimate: np.ndarray) -> np.ndarray:
-    """The explicit ``[N, C*H]`` float64 BADGE embedding (small inputs and tests only)."""
-    a = _residual(probs)
-    h = np.asarray(penultimate, dtype=np.float64)
-    return (a[:, :, None] * h[:, None, :]).reshape(len(a), -1)
-
-
-def badge_kmeanspp_explicit(
-    probs: np.ndarray,
-    penultimate: np.ndarray,
-    k: int,
-    *,
-    seed: int = 0,
-    candidates: np.ndarray | None = None,
-    g: np.ndarray | None = None,
-    method: str = "float64",
-) -> np.ndarray:
-    """Reference: the same rule on materialised gradient embeddings, O(N C H) memory and time
-    per pick. ``g`` may be passed precomputed (float32 or float64).
-
-    ``method="float64"`` (tests): distances as float64 sums of squared differences, the rule
-    exactly. ``method="gemv"`` (the benchmark's speed baseline, how explicit BADGE code computes
-    them): ``|g|^2 + |g_c|^2 - 2 g.g_c`` in float32 with one matrix-vector product per pick; it
-    may resolve float32 near-ties differently.
-    """
-    if method not in ("float64", "gemv"):
-        raise ValueError(f"method must be 'float64' or 'gemv', got {method!r}")
-    p, h, cand = _check_inputs(probs, penultimate, candidates)
-    m = len(cand)
-    k = min(int(k), m)
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    if g is None:
-        g = gradient_embedding(p[cand], h[cand])
-    gn = np.einsum("ij,ij->i", g, g, dtype=np.float64)
-    first = int(np.argmax(gn))
-    picks = [first]
-    chosen = np.zeros(m, dtype=bool)
-    chosen[first] = True
-    gn32 = gn.astype(np.float32)
-
-    def dist_to(c: int) -> np.ndarray:
-        if method == "gemv":
-            out = (gn32 + gn32[c] - 2.0 * (g @ g[c])).astype(np.float64)
-        else:
-            diff = g - g[c]
-            out = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
-        out[out < _ZERO_REL * (gn + gn[c])] = 0.0
-        return out
-
-    d2 = dist_to(first)
-    rng = np.random.default_rng(seed)
-    with np.errstate(divide="ignore"):
-        for _ in range(1, k):
-            u = rng.random(m)
-            keys = -np.log(u) / d2
-            keys[(d2 <= 0) | chosen] = np.inf
-            i = int(np.argmin(keys)) if np.isfinite(keys.min()) else int(np.argmin(chosen))
-            picks.append(i)
-            chosen[i] = True
-            np.minimum(d2, dist_to(i), out=d2)
-    return cand[np.asarray(picks, dtype=np.int64)]

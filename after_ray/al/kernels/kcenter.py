@@ -19,7 +19,7 @@ store is compared on its float16 values).
   deterministic and does not use it.
 
 A brute-force reference is ``d = min over centers of ((X[U] - c) ** 2).sum(1)`` in float64, then
-``np.argmax`` (first occurrence) each step. :func:`kcenter_greedy_naive` is the float32 one-pass-
+``np.argmax`` (first occurrence) each step. :func:`~after_ray.al.kernels.reference.kcenter_greedy_naive` is the float32 one-pass-
 per-pick version used as the speed baseline.
 
 How it is fast and still exact
@@ -76,7 +76,6 @@ __all__ = [
     "RowSource",
     "candidate_positions",
     "kcenter_greedy",
-    "kcenter_greedy_naive",
 ]
 
 # Safety factor on the float32 rounding bound (a probabilistic sqrt(D) bound times this).
@@ -672,86 +671,4 @@ def kcenter_greedy(
         state.commit(x[cand_pos[local]], local)
     if stats is not None:
         stats.__dict__.update(state.stats.__dict__)
-    return picks
-
-
-def kcenter_greedy_naive(
-    embeddings: np.ndarray,
-    labeled: np.ndarray,
-    k: int,
-    *,
-    candidates: np.ndarray | None = None,
-    chunk_rows: int = 65536,
-    timings: dict | None = None,
-) -> np.ndarray:
-    """The textbook incremental greedy: one float32 pass over every candidate per pick.
-
-    Same rule as :func:`kcenter_greedy` (float32 arithmetic, ``np.argmax`` ties), O(N D) per pick.
-    Used as the baseline in ``after_ray.bench.select``; it keeps a float32 norm vector and reads
-    the stored matrix directly, so its memory is the matrix plus O(N). ``timings`` (a dict) gets
-    ``setup_s`` (norms, labeled minimum, first pick) and ``picks_s`` / ``timed_picks`` (the rest).
-    """
-    import time
-
-    t0 = time.perf_counter()
-    x = np.asarray(embeddings)
-    n = x.shape[0]
-    lab = as_positions(labeled, n)
-    cand_pos = candidate_positions(n, lab, candidates)
-    k = min(int(k), len(cand_pos))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    full = len(cand_pos) == n
-
-    def rows(s: int, e: int) -> np.ndarray:
-        blk = x[s:e] if full else x[cand_pos[s:e]]
-        return blk if blk.dtype == np.float32 else blk.astype(np.float32)
-
-    m = len(cand_pos)
-    norms = np.empty(m, dtype=np.float32)
-    for s in range(0, m, chunk_rows):
-        norms[s : s + chunk_rows] = _sqnorms(rows(s, min(m, s + chunk_rows)))
-
-    def dist_to(c: np.ndarray) -> np.ndarray:
-        c = c.astype(np.float32)
-        out = np.empty(m, dtype=np.float32)
-        cn = np.float32(c @ c)
-        for s in range(0, m, chunk_rows):
-            e = min(m, s + chunk_rows)
-            out[s:e] = norms[s:e] + cn - 2.0 * (rows(s, e) @ c)
-        return np.maximum(out, 0.0, out=out)
-
-    d2 = np.full(m, np.inf, dtype=np.float32)
-    # Minimum over the labeled rows with chunked GEMMs (what pairwise_distances_chunked does).
-    for ls in range(0, len(lab), 4096):
-        lrows = x[lab[ls : ls + 4096]].astype(np.float32)
-        ln = _sqnorms(lrows)
-        for s in range(0, m, 8192):
-            e = min(m, s + 8192)
-            dist = norms[s:e, None] + ln[None, :] - 2.0 * (rows(s, e) @ lrows.T)
-            np.minimum(d2[s:e], np.maximum(dist.min(axis=1), 0.0), out=d2[s:e])
-    picks = np.empty(k, dtype=np.int64)
-    i = 0
-    if not len(lab):
-        mean = np.zeros(x.shape[1], dtype=np.float64)
-        for s in range(0, m, chunk_rows):
-            mean += rows(s, min(m, s + chunk_rows)).sum(axis=0, dtype=np.float64)
-        mean /= m
-        first = int(np.argmin(dist_to(mean)))
-        picks[0] = cand_pos[first]
-        d2 = dist_to(x[cand_pos[first]])
-        d2[first] = -np.inf
-        i = 1
-    t1 = time.perf_counter()
-    first_timed = i
-    while i < k:
-        b = int(np.argmax(d2))
-        picks[i] = cand_pos[b]
-        np.minimum(d2, dist_to(x[cand_pos[b]]), out=d2)
-        d2[b] = -np.inf
-        i += 1
-    if timings is not None:
-        timings["setup_s"] = t1 - t0
-        timings["picks_s"] = time.perf_counter() - t1
-        timings["timed_picks"] = k - first_timed
     return picks
