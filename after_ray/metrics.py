@@ -162,3 +162,29 @@ def classification_report(
         "per_class": per_class,
         "confusion": confusion.tolist(),
     }
+
+
+# The area under a learning curve: what AULC in reports and `after-ray bench al` is.
+def area_under_curve(fractions: Sequence[float], values: Sequence[float]) -> float:
+    """Trapezoid area under ``values`` over ``fractions``, divided by the fraction range.
+
+    The result is on the metric's scale: a constant curve at v gives v, whatever the range.
+    Points are sorted by fraction first. A single point (zero range) gives its value, the limit
+    of the normalised area. Raises ValueError for empty, mismatched or non-finite input.
+    """
+    x = np.asarray(fractions, dtype=float)
+    y = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(
+            f"fractions and values must be 1-D and of equal length, got {x.shape} and {y.shape}"
+        )
+    if x.size == 0:
+        raise ValueError("area_under_curve needs at least one point")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("area_under_curve needs finite fractions and values (drop missing ones)")
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    span = x[-1] - x[0]
+    if span == 0:
+        return float(y.mean())
+    return float(np.trapezoid(y, x) / span)

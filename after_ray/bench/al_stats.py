@@ -7,7 +7,7 @@ curves per arm, mean +- std over seeds, full-data UA as a line).
 
 Definitions (also written into the Markdown):
 
-* **AULC** of a run: ``report.area_under_curve`` of test UA (in points, 0-100) over
+* **AULC** of a run: ``metrics.area_under_curve`` of test UA (in points, 0-100) over
   ``fraction_range``, the curve linearly interpolated at the range's ends when no round lands
   there exactly. A run that does not cover the whole range has no AULC (it is listed as such).
 * **Interval of an arm's AULC**: mean +- t(0.975, n-1) x std / sqrt(n) over its seeds.
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from after_ray.report.aggregate import area_under_curve
+from after_ray.metrics import area_under_curve
 from after_ray.report.load import FULL_DATA_KIND, RunSummary, load_run
 from after_ray.store.atomic import atomic_write_text
 

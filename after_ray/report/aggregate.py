@@ -1,5 +1,5 @@
 """Aggregating loaded runs into a :class:`Report`: seed groups (:func:`aggregate`), their
-mean/std at every labeled fraction, AULC (:func:`area_under_curve`), times, and
+mean/std at every labeled fraction, AULC (:func:`after_ray.metrics.area_under_curve`), times, and
 :func:`build_report`, which loads the run directories and aggregates them.
 
 Definitions used everywhere below (and written into the report):
@@ -13,7 +13,7 @@ Definitions used everywhere below (and written into the report):
   killed run) is averaged over the seeds that have it, and that count is reported.
 * **Standard deviation** across seeds is the sample standard deviation (``ddof=1``, the ``n-1``
   denominator), and is undefined (``None`` / "–") for a single seed.
-* **AULC** (:func:`area_under_curve`): trapezoid area under the metric over the labeled
+* **AULC** (:func:`after_ray.metrics.area_under_curve`): trapezoid area under the metric over the labeled
   fraction, divided by the fraction range, so it is on the metric's scale (a curve constant at
   60% has AULC 60%). Of a run: over the fractions it reached. Of a group: each seed over the
   fractions *every* seed of the group reached (so a killed seed does not drag the mean), then mean
@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from after_ray.errors import RunStateError
+from after_ray.metrics import area_under_curve
 from after_ray.report.load import AL_KIND, FULL_DATA_KIND, RoundRow, RunSummary, load_run
 
 logger = logging.getLogger(__name__)
@@ -133,31 +134,6 @@ class Report:
 
 
 # --------------------------------------------------------------------------- AULC
-
-
-def area_under_curve(fractions: Sequence[float], values: Sequence[float]) -> float:
-    """Trapezoid area under ``values`` over ``fractions``, divided by the fraction range.
-
-    The result is on the metric's scale: a constant curve at v gives v, whatever the range.
-    Points are sorted by fraction first. A single point (zero range) gives its value, the limit
-    of the normalised area. Raises ValueError for empty, mismatched or non-finite input.
-    """
-    x = np.asarray(fractions, dtype=float)
-    y = np.asarray(values, dtype=float)
-    if x.ndim != 1 or x.shape != y.shape:
-        raise ValueError(
-            f"fractions and values must be 1-D and of equal length, got {x.shape} and {y.shape}"
-        )
-    if x.size == 0:
-        raise ValueError("area_under_curve needs at least one point")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("area_under_curve needs finite fractions and values (drop missing ones)")
-    order = np.argsort(x, kind="stable")
-    x, y = x[order], y[order]
-    span = x[-1] - x[0]
-    if span == 0:
-        return float(y.mean())
-    return float(np.trapezoid(y, x) / span)
 
 
 # --------------------------------------------------------------------------- aggregation

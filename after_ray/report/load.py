@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from after_ray.errors import RunStateError
+from after_ray.metrics import area_under_curve
 from after_ray.store.layout import LABELS_FILE, RUN_INFO_FILE, STATE_FILE, round_metrics_path
 from after_ray.store.run_state import list_rounds, read_labels_file
 
@@ -151,8 +152,6 @@ class RunSummary:
         return xs, ys
 
     def aulc(self, metric: str = "ua") -> float | None:
-        # Imported here: aggregate builds on this module (RunSummary, load_run).
-        from after_ray.report.aggregate import area_under_curve
 
         xs, ys = self.curve(metric)
         return area_under_curve(xs, ys) if xs else None

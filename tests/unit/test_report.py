@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from after_ray.errors import RunStateError
+from after_ray.metrics import area_under_curve
 from after_ray.report import figures as plots
-from after_ray.report.aggregate import aggregate, area_under_curve, build_report
+from after_ray.report.aggregate import aggregate, build_report
 from after_ray.report.figures import FIGURES
 from after_ray.report.load import discover_run_dirs, load_run
 from after_ray.report.render import report_json, write_report
