@@ -10,7 +10,7 @@ standard deviation, AULC): :mod:`after_ray.report.aggregate`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,17 @@ def _pct(value: float | None) -> str:
     return _DASH if value is None else f"{value * 100:.1f}"
 
 
-def _pct_ms(value: MeanStd) -> str:
+def _mean_std_text(value: MeanStd, number: Callable[[float | None], str]) -> str:
+    """``mean ± std`` with ``number`` for each (just the mean for one seed, a dash for none)."""
     if value.mean is None:
         return _DASH
-    return _pct(value.mean) if value.std is None else f"{_pct(value.mean)} ± {_pct(value.std)}"
+    if value.std is None:
+        return number(value.mean)
+    return f"{number(value.mean)} ± {number(value.std)}"
+
+
+def _pct_ms(value: MeanStd) -> str:
+    return _mean_std_text(value, _pct)
 
 
 def _frac(value: float | None) -> str:
@@ -72,9 +79,7 @@ def _secs(value: float | None) -> str:
 
 
 def _secs_ms(value: MeanStd) -> str:
-    if value.mean is None:
-        return _DASH
-    return _secs(value.mean) if value.std is None else f"{_secs(value.mean)} ± {_secs(value.std)}"
+    return _mean_std_text(value, _secs)
 
 
 def _int_text(value: float | None) -> str:
