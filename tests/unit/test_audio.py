@@ -6,6 +6,8 @@ Pure functions only: no Ray here (the Ray Data pipeline is tested in test_audio_
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -150,16 +152,47 @@ def test_unreadable_detail_carries_the_libsndfile_message(bad_files):
     assert probe_file(bad_files["too_long"][0], SMALL_CAP).detail.startswith("3.00 s >")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+NOBODY = 65534
+
+
+def _probe_as(uid: int, path) -> tuple[str, str]:
+    """``probe_file`` in a forked child whose effective uid is ``uid``: root reads any file, so
+    CI (which runs as root) needs another user to see a permission denied at all."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to uid, probe, report, exit without running pytest's hooks
+        try:
+            os.setegid(uid)
+            os.seteuid(uid)
+            result = probe_file(path, CFG)
+            os.write(write_end, f"{result.reason}\n{result.detail}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    reason, _, detail = text.partition("\n")
+    return reason, detail
+
+
 def test_permission_denied_is_unreadable_with_the_reason(tmp_path):
-    path = write(tmp_path / "locked.wav", tone(0.5, 16000), 16000)
-    path.chmod(0)
+    # A world-traversable folder (pytest's own is private to its user), a file nobody may read.
+    folder = Path(tempfile.mkdtemp(prefix="after-ray-locked-"))
     try:
-        result = probe_file(path, CFG)
+        folder.chmod(0o755)
+        path = write(folder / "locked.wav", tone(0.5, 16000), 16000)
+        path.chmod(0)
+        if os.geteuid() == 0:
+            reason, detail = _probe_as(NOBODY, path)
+            assert detail == f"permission denied for uid {NOBODY}"
+        else:
+            result = probe_file(path, CFG)
+            reason, detail = result.reason, result.detail
+            assert detail == f"permission denied for uid {os.geteuid()}"
+        assert reason == "unreadable"
     finally:
-        path.chmod(0o644)
-    assert result.reason == "unreadable"
-    assert "permission denied" in result.detail
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_decode_raises_audio_problem_with_reason(bad_files):

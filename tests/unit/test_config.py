@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from after_ray.cli import main
-from after_ray.config.sections import Config, load_config
+from after_ray.config.sections import Config, config_from_dict, load_config
 from after_ray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,3 +113,32 @@ def test_shipped_configs_parse(path):
     except ConfigError as exc:
         problems = [line for line in str(exc).splitlines()[1:] if "corpus" not in line]
         assert not problems, str(exc)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_after_ray_config_accepts_every_shipped_config_and_prints_it_back(path, tmp_path):
+    """`after-ray config` is the validator a user runs first: with the corpus roots pointed at a
+    folder that exists, every shipped config passes (exit 0), and the YAML it prints loads back
+    to the same configuration."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    corpus = data.setdefault("corpus", {})
+    if corpus.get("name") != "synth":
+        corpus["root"] = str(tmp_path)
+    for part in corpus.get("parts") or []:
+        part["root"] = str(tmp_path)
+    config_file = tmp_path / path.name
+    config_file.write_text(yaml.safe_dump(data))
+    done = subprocess.run(
+        [sys.executable, "-m", "after_ray", "config", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert config_from_dict(yaml.safe_load(done.stdout)) == load_config(config_file)
