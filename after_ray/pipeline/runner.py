@@ -375,7 +375,9 @@ def _finetune_round(
                 seed=ft_cfg.seed,
                 out_dir=out_dir,
             )
-        state.record_checkpoint(round_index, str(out_dir))
+            # Inside the timed block: the checkpoint is recorded before the stage's time, so a
+            # crash between the two writes never makes a resumed run train the round again.
+            state.record_checkpoint(round_index, str(out_dir))
         return str(out_dir)
     failpoint("stage:finetune")
     print(
@@ -392,8 +394,8 @@ def _finetune_round(
             out_dir=out_dir,
             warm_start_dir=warm,
         )
-    atomic_write_json(out_dir.parent / "finetune_summary.json", summary)
-    state.record_checkpoint(round_index, str(out_dir))
+        atomic_write_json(out_dir.parent / "finetune_summary.json", summary)
+        state.record_checkpoint(round_index, str(out_dir))  # before the time (see head mode)
     return str(out_dir)
 
 
