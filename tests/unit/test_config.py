@@ -106,13 +106,22 @@ def test_cli_subprocess_exit_code_is_2():
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_parse(path):
-    # Corpus roots of real corpora do not exist here; everything else must be valid.
+def test_shipped_configs_fail_only_on_a_missing_corpus_root(path):
+    """Real corpora are not on this machine: a shipped config may fail on exactly one kind of
+    problem, a ``corpus.root`` (or ``corpus.parts[i].root``) that does not exist, and the message
+    says where to point it. Anything else wrong (the test below proves the rest passes) fails."""
+    import re
+
+    missing_root = re.compile(
+        r"^  - corpus\.(root|parts\[\d\]\.root): directory '[^']+' does not exist "
+        r"\(point it at the (\w+ )?corpus on disk\)$"
+    )
     try:
         load_config(path)
     except ConfigError as exc:
-        problems = [line for line in str(exc).splitlines()[1:] if "corpus" not in line]
-        assert not problems, str(exc)
+        header, *problems = str(exc).splitlines()
+        assert header == "invalid configuration:"
+        assert problems and all(missing_root.match(line) for line in problems), str(exc)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
