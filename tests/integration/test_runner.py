@@ -25,6 +25,7 @@ from after_ray.config.sections import load_config
 from after_ray.data.manifest import read_manifest
 from after_ray.models.classifier_io import verify_classifier_dir
 from after_ray.pipeline.runner import run_active_learning
+from after_ray.store import layout
 from after_ray.store.check import check_run_dir
 from after_ray.store.run_state import RunState
 
@@ -112,6 +113,91 @@ def kill_plan(trace: list[str], n_kills: int, seed: int) -> list[tuple[str, int]
     return plan
 
 
+# Wall-clock timings: the ONLY values of a round's metrics.json and finetune_summary.json that
+# may differ between the killed-and-resumed run and the uninterrupted one (seconds measured on
+# this machine at this moment). Everything else in those files (UA, WA, macro-F1, per-class
+# recall/precision/F1/support, confusion, losses, best epoch, class weights, counts) must be
+# equal, bit for bit: the run is deterministic.
+WALL_CLOCK_KEYS = frozenset({"cumulative_wall_s", "train_s", "val_s", "total_s", "cache_build_s"})
+# finetune_summary.json also records how the fine-tuning attempt was interrupted (the epoch a
+# restarted driver continued from: 0 in the uninterrupted run): a log of the crash, not a
+# result, so it is not compared either.
+RESUME_LOG_KEYS = frozenset({"resumed_from_epoch"})
+
+
+def _leaves(doc, path=()):
+    """Every scalar of a JSON document as (path, value); dict keys and list positions in path."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(doc, list):
+        for index, value in enumerate(doc):
+            yield from _leaves(value, (*path, index))
+    else:
+        yield path, doc
+
+
+def _round_files(run_dir: Path, name: str) -> dict[int, dict]:
+    rounds = sorted(p for p in (run_dir / layout.ROUNDS_DIR).glob("round_*") if p.is_dir())
+    return {int(p.name.split("_")[1]): json.loads((p / name).read_text()) for p in rounds}
+
+
+def _compared(doc: dict, excluded: frozenset[str]) -> dict[tuple, object]:
+    leaves = dict(_leaves(doc))
+    for path, value in leaves.items():
+        if path[-1] in WALL_CLOCK_KEYS:
+            assert isinstance(value, float), (path, value)  # a timing, nothing else, is skipped
+    return {path: value for path, value in leaves.items() if path[-1] not in excluded}
+
+
+def assert_same_metrics(run_dir: Path, reference_dir: Path) -> None:
+    """Every value of every round's metrics.json and finetune_summary.json, timings aside."""
+    for name, excluded in (
+        (layout.METRICS_FILE, WALL_CLOCK_KEYS),
+        ("finetune_summary.json", WALL_CLOCK_KEYS | RESUME_LOG_KEYS),
+    ):
+        got, want = _round_files(run_dir, name), _round_files(reference_dir, name)
+        assert sorted(got) == sorted(want) == [0, 1, 2], name
+        for round_index in want:
+            a = _compared(got[round_index], excluded)
+            b = _compared(want[round_index], excluded)
+            differing = sorted(
+                (str(p), a.get(p), b.get(p)) for p in set(a) | set(b) if a.get(p) != b.get(p)
+            )
+            assert not differing, (name, round_index, differing[:10])
+            # Not vacuous: the metrics a round reports are all among the compared values.
+            names = {p[-1] for p in b}
+            wanted = (
+                {"ua", "wa", "macro_f1", "f1", "precision", "recall", "support", "loss"}
+                if name == layout.METRICS_FILE
+                else {"train_loss", "val_loss", "val_ua", "best_val_ua", "class_weights"}
+            )
+            assert wanted <= names | {p[-2] for p in b if len(p) > 1}, (name, wanted - names)
+
+
+def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
+    """Every round's classifier: the same tensors, bit for bit (the final round's included)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from after_ray.models.classifier_io import WEIGHTS
+
+    for round_index in (0, 1, 2):
+        got = load_file(layout.round_model_dir(run_dir, round_index) / WEIGHTS)
+        want = load_file(layout.round_model_dir(reference_dir, round_index) / WEIGHTS)
+        assert sorted(got) == sorted(want) and len(want) > 10
+        unequal = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not unequal, (round_index, unequal[:5])
+
+
+def assert_same_selection_scores(run_dir: Path, reference_dir: Path) -> None:
+    with RunState.open(run_dir) as got, RunState.open(reference_dir) as want:
+        for round_index in want.rounds():
+            a = got.selection_table(round_index).column("score").to_pylist()
+            b = want.selection_table(round_index).column("score").to_pylist()
+            assert a == b, round_index
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_killed_at_random_points_then_resumed_equals_uninterrupted(
@@ -166,6 +252,9 @@ def test_killed_at_random_points_then_resumed_equals_uninterrupted(
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert outcome(run_dir) == outcome(reference_dir)
+    assert_same_metrics(run_dir, reference_dir)
+    assert_same_selection_scores(run_dir, reference_dir)
+    assert_same_weights(run_dir, reference_dir)
     assert check_run_dir(run_dir) == []
     # No label lost or written twice: one line per labeled item, all of them selected.
     lines = (run_dir / "labels.jsonl").read_text().splitlines()
@@ -178,6 +267,7 @@ def test_killed_at_random_points_then_resumed_equals_uninterrupted(
     assert run_active_learning(load_config(config_file)).finished
     verify_classifier_dir(weights.parent)
     assert outcome(run_dir) == outcome(reference_dir)
+    assert_same_weights(run_dir, reference_dir)  # the rebuilt round-1 model too
 
 
 @pytest.mark.slow

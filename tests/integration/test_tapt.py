@@ -291,12 +291,56 @@ def test_batch_sources_cycle_or_fail_clearly(tmp_path):
     assert torch.equal(reloaded.state_dict()[key], model.wav2vec2.state_dict()[key])
 
 
-def test_bf16_autocast_path_runs_and_keeps_weights_fp32():
-    cfg = dataclasses.replace(TaptConfig(), steps=2, warmup_steps=1, precision="bf16")
+def _tapt_with_dtype_hooks(precision: str):
+    """Two TAPT steps with forward hooks on every Linear / Conv1d: (loss history, the output
+    dtypes each kind of layer produced, the final weights)."""
+    cfg = dataclasses.replace(TaptConfig(), steps=2, warmup_steps=1, precision=precision)
     model = load_backbone(BackboneConfig(name_or_path="tiny"), for_pretraining=True)
-    result = tapt_loop(cfg, model, synthetic_batches(1, batch_size=2, seed=5), device="cpu")
-    assert all(math.isfinite(x) for x in result["loss_history"])
-    assert all(p.dtype == torch.float32 for p in model.parameters())
+    seen: dict[str, set[torch.dtype]] = {"Linear": set(), "Conv1d": set()}
+
+    def record(module, _inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        seen[type(module).__name__].add(out.dtype)
+
+    hooks = [
+        m.register_forward_hook(record)
+        for m in model.modules()
+        if type(m) in (torch.nn.Linear, torch.nn.Conv1d)
+    ]
+    try:
+        result = tapt_loop(cfg, model, synthetic_batches(1, batch_size=2, seed=5), device="cpu")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return result["loss_history"], seen, weights, model
+
+
+def test_bf16_autocast_runs_in_bfloat16_and_keeps_weights_fp32():
+    """``precision: bf16`` really autocasts (the layers compute in bfloat16), the master weights
+    stay float32, and the run differs from fp32; ``auto`` on a CPU is fp32, bit for bit."""
+    bf16_losses, bf16_seen, bf16_weights, bf16_model = _tapt_with_dtype_hooks("bf16")
+    fp32_losses, fp32_seen, fp32_weights, _ = _tapt_with_dtype_hooks("fp32")
+    auto_losses, auto_seen, auto_weights, _ = _tapt_with_dtype_hooks("auto")
+
+    # The hooks fired on both kinds of layer in every run (the CNN and the Transformer).
+    for seen in (bf16_seen, fp32_seen, auto_seen):
+        assert seen["Linear"] and seen["Conv1d"]
+    assert bf16_seen == {"Linear": {torch.bfloat16}, "Conv1d": {torch.bfloat16}}
+    assert fp32_seen == {"Linear": {torch.float32}, "Conv1d": {torch.float32}}
+    assert auto_seen == fp32_seen  # auto = bf16 on a GPU only
+
+    assert all(p.dtype == torch.float32 for p in bf16_model.parameters())
+    assert all(v.dtype == fp32_weights[k].dtype for k, v in bf16_weights.items())
+    assert all(math.isfinite(x) for x in bf16_losses + fp32_losses)
+    # Same computation at lower precision: close losses, but not bit-identical, and different
+    # weights after the steps (an ignored precision setting would give equality here).
+    assert len(bf16_losses) == len(fp32_losses) == 2
+    assert bf16_losses != fp32_losses
+    np.testing.assert_allclose(bf16_losses, fp32_losses, rtol=0.05)
+    assert any(not torch.equal(bf16_weights[k], fp32_weights[k]) for k in fp32_weights)
+    assert auto_losses == fp32_losses
+    assert all(torch.equal(auto_weights[k], fp32_weights[k]) for k in fp32_weights)
 
 
 # ---------------------------------------------------------------- across processes
