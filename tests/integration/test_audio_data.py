@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from after_ray.bench.audio import run_audio_benchmark
 from after_ray.config.audio import AudioConfig
 from after_ray.distributed.audio_data import (
     PadCollate,
@@ -298,14 +297,6 @@ def test_a_corpus_several_times_the_object_store_streams_through_it(ray_session,
     assert after.spilled_bytes_total == before.spilled_bytes_total
     assert after.object_store_bytes_fallback == 0
     assert 0 < peak_primary[0] < store_bytes
-
-
-def test_bench_audio_outputs_match_the_plain_loop(ray_session, tmp_path, capsys):
-    result = run_audio_benchmark(n_files=6, seconds=1.0, out_dir=tmp_path)
-    assert result["outputs_match"] and result["n_files"] == 6
-    assert result["plain"]["files_per_s"] > 0 and result["ray"]["files_per_s"] > 0
-    assert "speed-up" in capsys.readouterr().out
-    assert len(list(tmp_path.glob("*.wav"))) == 6
 
 
 def test_batches_reach_a_ray_train_worker_through_get_dataset_shard(ray_session, corpus, tmp_path):
