@@ -44,9 +44,19 @@ def test_bench_load_prints_our_path_and_the_baseline(capsys, tmp_path):
     for seconds, peak, _above_start in (ours, baseline):
         assert seconds > 0 and peak > 0
     assert "check: same pool arrays from both readers: True" in out
-    # --out-dir keeps what the run wrote: the score cache and both strategies' run directories.
-    assert (tmp_path / "runs" / "after" / "state.json").is_file()
-    assert (tmp_path / "runs" / "coreset" / "labels.jsonl").is_file()
+    # --out-dir keeps what the run wrote: the score cache and both strategies' run directories,
+    # read back here: 2 rounds of 40 distinct picks each, one label line per pick.
+    from after_ray.store.check import check_run_dir
+    from after_ray.store.run_state import RunState
+
+    for name in ("after", "coreset"):
+        run_dir = tmp_path / "runs" / name
+        assert check_run_dir(run_dir) == []
+        with RunState.open(run_dir, create=False) as state:
+            picks = [state.selection(r) for r in range(2)]
+        assert [len(p) for p in picks] == [40, 40] and len({u for p in picks for u in p}) == 80
+        lines = (run_dir / "labels.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 80
     assert sorted(p.name for p in (tmp_path / "scores").iterdir()) == [
         "_DONE.json",
         "scores.parquet",
