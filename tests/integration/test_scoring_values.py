@@ -95,10 +95,17 @@ def setup(tmp_path_factory):
     return {"root": root, "rows": rows, "model_dir": model_dir, "model": reloaded.eval()}
 
 
-def _score(setup, ray_session, *, batch_size: int, chunk_s: float, tag: str):
+def _score(
+    setup, ray_session, *, batch_size: int, chunk_s: float, tag: str, in_process: bool = False
+):
     audio = AudioConfig(score_chunk_s=chunk_s)
-    # in_process_scoring_max_rows 0: the Ray Data actor pool, never the driver shortcut.
-    ray_cfg = RayConfig(num_workers=0, scoring_batch_size=batch_size, in_process_scoring_max_rows=0)
+    # in_process_scoring_max_rows 0: the Ray Data actor pool, never the driver shortcut; 2000
+    # (the default): the driver shortcut the tiny run and the demo take (num_workers 0).
+    ray_cfg = RayConfig(
+        num_workers=0,
+        scoring_batch_size=batch_size,
+        in_process_scoring_max_rows=2000 if in_process else 0,
+    )
     kwargs = dict(
         audio=audio,
         ray_cfg=ray_cfg,
@@ -263,6 +270,19 @@ def test_scores_equal_a_forward_pass_with_the_pipelines_batching(setup, pipeline
     assert (scores.mc_probs.std(axis=1).max(axis=-1) > 1e-4).all()
     assert np.abs(scores.mc_probs.mean(axis=1) - scores.probs).mean() < 0.1
     np.testing.assert_allclose(scores.mc_probs.sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_in_process_scoring_gives_the_same_values(setup, ray_session, pipeline_scores):
+    """The driver shortcut (num_workers 0, small sets: what the tiny run and the demo use) holds
+    to the same reference, and its batches are the documented consecutive cuts of 8."""
+    _, _, reference = pipeline_scores
+    scores, audio, _ = _score(
+        setup, ray_session, batch_size=8, chunk_s=10.0, tag="inproc", in_process=True
+    )
+    _assert_deterministic_outputs_equal(scores, reference)
+    chunks = [_chunks(setup, audio)[u][0] for u in scores.utt_ids]
+    assert _recover_batches(setup["model"], chunks, scores.mc_probs, 8) == [8, 8, 8]
 
 
 # ------------------------------------------------------------------------ strategies' records
