@@ -11,7 +11,8 @@ Export (:func:`export_batch`) writes three files for round r into ``out_dir``:
 
 Import (:func:`import_labels`) takes either the filled CSV or a Label Studio JSON export (tasks
 with ``annotations[].result[].value.choices``; several annotations of one task become that
-item's ``votes`` and the majority becomes its label). The whole file is validated before the run
+item's ``votes`` and the majority becomes its label; Label Studio's JSON-MIN and CSV exports are
+recognized and refused, pointing to the JSON export). The whole file is validated before the run
 state is touched: any problem raises ``LabelImportError`` listing every problem with its line (CSV)
 or task number (JSON) and the fix, and nothing is written. Items left without a label are fine
 (a partial import); they stay pending and are logged. Files are parsed as text (csv / json)
@@ -209,6 +210,15 @@ def _parse_csv(text: str, class_names: Sequence[str], problems: _Problems) -> li
         return []
     columns = [h.strip().casefold() for h in header]
     missing = [c for c in ("utt_id", "label") if c not in columns]
+    if "label" in missing and CHOICES_NAME in columns and "annotation_id" in columns:
+        problems.add(
+            "line 1",
+            f"this is Label Studio's CSV export (one row per annotation, the choice in column "
+            f"{CHOICES_NAME!r}), not the labeling sheet",
+            "export the project from Label Studio as 'JSON' (not CSV or JSON-MIN) and import "
+            "that file, or fill the label column of the exported round_XXX_to_label.csv",
+        )
+        return []
     dupes = sorted({c for c in columns if columns.count(c) > 1})
     if missing or dupes:
         found = ", ".join(repr(c) for c in header)
@@ -313,6 +323,15 @@ def _load_tasks(text: str, problems: _Problems) -> list[Any] | None:
             "top level",
             f"expected a list of Label Studio tasks, found a JSON {type(tasks).__name__}",
             "use Label Studio's 'JSON' export (not JSON-MIN or CSV)",
+        )
+        return None
+    if tasks and all(isinstance(t, dict) and "data" not in t and "utt_id" in t for t in tasks):
+        problems.add(
+            "top level",
+            "this is Label Studio's JSON-MIN export (one flat row per annotation, without the "
+            "tasks' data and annotations)",
+            "export the project from Label Studio as 'JSON' (not JSON-MIN or CSV) and import "
+            "that file",
         )
         return None
     return tasks
