@@ -33,8 +33,14 @@ def _print_json(data) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    """Print the fully resolved configuration (defaults + file + overrides) as YAML."""
-    print(_load(args).to_yaml(), end="")
+    """Print the fully resolved configuration (defaults + file + recipe + overrides) as YAML."""
+    from dataclasses import asdict
+
+    from after_ray.config.recipes import choose_recipe
+
+    config = _load(args)
+    print(f"# training recipe: {choose_recipe(asdict(config.backbone)).reason}")
+    print(config.to_yaml(), end="")
     return 0
 
 

@@ -6,9 +6,9 @@ The TAPT defaults are the values that made the *tiny* from-scratch preset learn 
 synthesized demo corpus (BRIEF, "TAPT recipe"): with near-default wav2vec2 settings (65% masking
 in spans of 10, 100 negatives) its contrastive loss sat at chance for hundreds of steps, while
 masking 30% in spans of 2, 10 negatives, lr 2e-3 and a Gumbel temperature annealed 2 -> 0.5 left
-the plateau after ~175 steps. For a real pre-trained wav2vec2-base checkpoint start from its own
-pre-training recipe (``mask_prob: 0.65``, ``mask_length: 10``, ``num_negatives: 100``) with
-AFTER's optimisation (``lr: 1.0e-4``, ``warmup_steps: 100``, 20,000 steps). AFTER itself masked
+the plateau after ~175 steps. A real pre-trained checkpoint gets its own values from its
+training recipe (``backbone.recipe: auto``, ``after_ray.config.recipes``: AFTER's lr 1e-4 and
+20,000 steps with wav2vec2's 65% masking in spans of 10 and 100 negatives). AFTER itself masked
 only ~5% of frames (transformers' defaults 0.05 / 10) and left the Gumbel temperature at 1.
 """
 
@@ -36,6 +36,11 @@ class BackboneConfig:
     """
 
     name_or_path: str = "tiny"
+    # Training recipe (TAPT and fine-tuning values, after_ray.config.recipes): "auto" picks it
+    # from the backbone's size and family (a preset's name, a checkpoint's config.json, a hub
+    # id's name); a recipe name (tiny, base-wav2vec2, large-hubert, ...) forces one; "none"
+    # keeps the dataclass defaults (= tiny). Keys you set in tapt:/finetune: always win.
+    recipe: str = "auto"
     # "auto" reads the family from the checkpoint's config.json (model_type). Naming a family
     # explicitly turns a preset into that family ("tiny" + "hubert" = "tiny-hubert") and, for a
     # checkpoint, is checked against model_type so a wrong guess fails loudly.
@@ -57,6 +62,14 @@ class BackboneConfig:
     feat_proj_dropout: float | None = None
     layerdrop: float | None = None
 
+    def identity(self) -> dict:
+        """What names the backbone in run and cache keys. ``recipe`` is left out: it only picks
+        tapt/finetune values, which the keys hold themselves (and run directories written before
+        the key existed keep resuming)."""
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(self).items() if k != "recipe"}
+
     def dropout_overrides(self) -> dict[str, float]:
         """The overrides that are set, as config keyword arguments."""
         names = (
@@ -74,6 +87,13 @@ class BackboneConfig:
             problems.append(
                 "backbone.name_or_path: must not be empty (use a preset such as 'tiny', a local "
                 "checkpoint directory or a hub id)"
+            )
+        from after_ray.config.recipes import RECIPE_CHOICES
+
+        if self.recipe not in RECIPE_CHOICES:
+            problems.append(
+                f"backbone.recipe: unknown recipe {self.recipe!r}; choose one of "
+                f"{', '.join(RECIPE_CHOICES)}"
             )
         for name, value in self.dropout_overrides().items():
             if not 0.0 <= value < 1.0:

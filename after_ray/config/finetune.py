@@ -4,10 +4,9 @@ Torch-free on purpose: reading and validating a config must not import torch.
 
 The defaults suit the *tiny* backbone preset (hidden 64, 2 layers) on a 2-core machine, which is
 what the demo runs; the measured reference is 15 epochs from scratch reaching 55-65% UA on the
-synthesized 4-emotion corpus (see BRIEF). For a real pre-trained wav2vec2-base checkpoint use
-AFTER's values: ``lr: 1.0e-4``, ``epochs: 30``, ``mask_time_length: 15``, ``mask_time_prob: 0.08``,
-``mask_channel_length: 64``, ``mask_time_min_masks: 2`` (``freeze_feature_encoder: auto`` already
-freezes the CNN of such a model).
+synthesized 4-emotion corpus (see BRIEF). A real pre-trained checkpoint gets AFTER's values
+from its training recipe (``backbone.recipe: auto``, ``after_ray.config.recipes``: lr 1e-4,
+30 epochs, frozen CNN, SpecAugment 0.08 x 15 frames / 0.05 x 64 channels).
 """
 
 from __future__ import annotations

@@ -419,6 +419,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
+    """The user's mapping -> Config; the backbone's training recipe fills the keys not set."""
+    from after_ray.config.recipes import apply_recipe
+
+    if isinstance(data, dict):
+        data = apply_recipe(data)
     return config_schema.build(Config, data)
 
 

@@ -95,7 +95,7 @@ class FeatureSpace:
         key = _key(
             {
                 "backbone_dir": backbone_dir,
-                "backbone": dataclasses.asdict(config.backbone),
+                "backbone": config.backbone.identity(),
                 "audio": dataclasses.asdict(config.audio),
                 "pooling": config.finetune.pooling,
             }

@@ -60,7 +60,7 @@ def _identity(config: Config, kind: str) -> dict[str, Any]:
         "strategy_params": config.al.strategy_params,
         "cold_start": config.al.cold_start,
         "budget": dataclasses.asdict(config.al.budget),
-        "backbone": dataclasses.asdict(config.backbone),
+        "backbone": config.backbone.identity(),
         "tapt": dataclasses.asdict(config.tapt),
         # Only when not the default, so run dirs written before the key existed still resume.
         **({"finetune_mode": config.finetune.mode} if config.finetune.mode != "full" else {}),
@@ -114,7 +114,7 @@ def stage_tapt(config: Config, state: RunState, pool_rows: list[dict]) -> str:
         {
             "pool": sorted(r["utt_id"] for r in pool_rows),
             "tapt": dataclasses.asdict(config.tapt),
-            "backbone": dataclasses.asdict(config.backbone),
+            "backbone": config.backbone.identity(),
             "audio": dataclasses.asdict(config.audio),
         }
     )
