@@ -1,6 +1,6 @@
-"""Importing exports made by a real Label Studio 1.23.2 server (tests/fixtures/label_studio/).
+"""Importing exports made by a real Label Studio 1.23.2 server (tests/fixtures/label_studio_exports/).
 
-The fixtures come from tests/fixtures/label_studio/make_exports.py (see the README there): the
+The fixtures come from tests/fixtures/label_studio_exports/make_exports.py (see the README there): the
 round's tasks and config were written by ``export_batch``, imported into Label Studio, annotated
 through its REST API and exported again. Users: admin (id 1), alice (2), bob (3). Tasks:
 
@@ -25,7 +25,7 @@ from after_ray.pipeline.labeling import export_batch, import_labels, label_studi
 from after_ray.store.layout import LABELS_FILE
 from after_ray.store.run_state import RunState
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "label_studio"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "label_studio_exports"
 VERSION = "1.23.2"
 CLASSES = ["neutral", "happy", "angry", "sad"]
 IDS = [f"lsfix/s1/u{k}" for k in range(1, 7)]
