@@ -292,7 +292,18 @@ def _select(
     score_values = None
     try:
         all_scores = strategy.score(view)
-    except Exception:  # noqa: BLE001 - scores are for the record only
+    except Exception as exc:  # noqa: BLE001 - scores are for the record only
+        # The picks are made and must be recorded; a failing score only loses the record of
+        # why, so say so loudly instead of storing None as if the strategy had no score.
+        log.warning(
+            "round %d: %s picked %d items but its score() failed (%s: %s); selection.parquet "
+            "records no scores for this round",
+            round_index,
+            name,
+            len(chosen),
+            type(exc).__name__,
+            exc,
+        )
         all_scores = None
     if all_scores is not None:
         by_id = dict(zip(pool_ids, np.asarray(all_scores, dtype=float), strict=True))
