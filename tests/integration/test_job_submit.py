@@ -1,10 +1,12 @@
-"""A real `ray job submit` round trip: a Ray head of its own, a job script, its outputs.
+"""Real `ray job submit` round trips: a Ray head of its own, every job script, their outputs.
 
-The test starts `ray start --head` in a subprocess (own ports, own short temp dir), submits
-``python jobs/prepare.py --config <tiny synth config>`` through ``JobSubmissionClient`` with the
-repository as ``working_dir`` (so .rayignore decides what is uploaded), waits for SUCCEEDED and
-checks the manifest the job wrote. It is what `ray job submit --working-dir .` does on a cluster,
-minus the cluster.
+The module starts one `ray start --head` in a subprocess (own ports, own short temp dir, 2 CPUs)
+and submits each ``jobs/*.py`` to it with the repository as ``working_dir`` (so .rayignore
+decides what is uploaded), waits for SUCCEEDED and checks the files the job wrote: first
+``jobs/prepare.py`` on its own, then, on one tiny run directory, ``tapt.py``, ``run_al.py``,
+``finetune.py``, ``sweep.py`` (2 Tune trials) and ``report.py`` (this one through the
+`ray job submit` command line itself). It is what `ray job submit --working-dir .` does on a
+cluster, minus the cluster.
 
 Isolation from the session Ray of tests/conftest.py (which runs inside this pytest process):
 the head here is a separate process tree with its own ports and temp dir, RAY_ADDRESS is never
@@ -15,8 +17,11 @@ machine, other test sessions included.
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -30,7 +35,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from tiny_run import BALANCED_CLEAN
+from tiny_run import BALANCED_CLEAN, TINY
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_TIMEOUT_S = 150
@@ -223,8 +228,9 @@ class LocalHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
+    """One head for the module: the prepare round trip and the stage jobs share it."""
     head = LocalHead()
     try:
         head.start()
@@ -315,3 +321,159 @@ def test_prepare_job_round_trip(ray_head, tmp_path):
     for row in rows:
         assert Path(row["path"]).is_file() and Path(row["path"]).is_relative_to(synth_root)
         assert row["duration_s"] > 0 and row["sample_rate"] > 0
+
+
+# ------------------------------------------------------------------ every other stage's job
+# The tiny run of tests/fixtures/tiny_run.py, cheaper (as tests/integration/test_sweep.py's):
+# TAPT 4 steps, 1 epoch, random cold start, two rounds (25% then 50% of the 48-item pool).
+STAGE_POOL, STAGE_PER_ROUND, STAGE_ROUNDS = 48, 12, 2
+SWEEP_STRATEGIES = ("after", "random")
+STAGE_JOB_TIMEOUT_S = 240
+
+
+def _stage_config(tmp_path: Path) -> Path:
+    data = copy.deepcopy(TINY)
+    data["run"].update(name="jobs", output_dir=str(tmp_path / "runs"))  # absolute, as documented
+    data["corpus"]["root"] = str(tmp_path / "synth")
+    data["tapt"].update(steps=4, warmup_steps=1)
+    data["finetune"]["epochs"] = 1
+    data["al"].update(cold_start="random", mc_dropout_samples=0)
+    data["al"]["budget"]["max_total"] = 0.5
+    data["ray"]["scoring_batch_size"] = 32
+    path = tmp_path / "jobs.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run_job(head: LocalHead, name: str, argv: list[str], timeout_s: float) -> str:
+    """Submit ``python jobs/<stage>.py ARGS`` with the repository as working_dir (what
+    ``ray job submit --working-dir . -- python jobs/...`` does), wait, check SUCCEEDED from an
+    uploaded package; returns the job's logs."""
+    from ray.job_submission import JobStatus
+
+    started = time.monotonic()
+    submission_id = _submit(
+        head.client,
+        entrypoint=shlex.join(["python", *argv]),
+        runtime_env={"working_dir": str(REPO)},
+        submission_id=f"{name}-{os.getpid()}-{int(time.time())}",
+    )
+    status = _wait(head.client, submission_id, timeout_s)
+    logs = head.client.get_job_logs(submission_id)
+    elapsed = time.monotonic() - started
+    print(f"job {submission_id}: {status} after {elapsed:.1f} s")
+    if status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        head.client.stop_job(submission_id)
+    assert status == JobStatus.SUCCEEDED, (
+        f"job {submission_id} ended {status} after {elapsed:.0f} s\n--- job logs ---\n"
+        f"{logs[-8000:]}\n--- head log ---\n{head.log()}"
+    )
+    info = head.client.get_job_info(submission_id)
+    assert info.runtime_env["working_dir"].startswith("gcs://_ray_pkg_")
+    return logs
+
+
+def _line_value(logs: str, prefix: str) -> str:
+    values = [line.removeprefix(prefix) for line in logs.splitlines() if line.startswith(prefix)]
+    assert values, f"no line {prefix!r} in the job logs:\n{logs[-4000:]}"
+    return values[-1]
+
+
+def _round_metrics(run_dir: Path, r: int) -> dict:
+    return json.loads((run_dir / "rounds" / f"round_{r:03d}" / "metrics.json").read_text())
+
+
+def _labels(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "labels.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.timeout(900)
+def test_stage_jobs_tapt_run_al_finetune_sweep_and_report(ray_head, tmp_path):
+    """jobs/tapt.py, run_al.py, finetune.py, sweep.py and report.py, each submitted as the
+    README and docs/cluster.md document them, in the order a cluster user runs them, on one run
+    directory; each job must succeed and leave the files its stage writes."""
+    config = str(_stage_config(tmp_path))
+    runs = tmp_path / "runs"
+    run_dir, full_dir = runs / "jobs", runs / "jobs-full"
+
+    # TAPT (prepares first): the pre-trained backbone under <output_dir>/_tapt/<key>.
+    logs = _run_job(ray_head, "tapt", ["jobs/tapt.py", "--config", config], STAGE_JOB_TIMEOUT_S)
+    backbone = Path(_line_value(logs, "TAPT backbone: "))
+    assert backbone.parent == runs / "_tapt"
+    assert (backbone / "model.safetensors").stat().st_size > 0
+    losses = json.loads((backbone / "tapt_losses.json").read_text())["loss_history"]
+    assert len(losses) == 4
+    assert (run_dir / "manifest.parquet").is_file()
+
+    # The AL loop: two rounds of 12, starting from the TAPT job's model.
+    logs = _run_job(ray_head, "run-al", ["jobs/run_al.py", "--config", config], STAGE_JOB_TIMEOUT_S)
+    assert _line_value(logs, "run finished: ") == str(run_dir)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert "finished" in state["stages"]
+    assert Path(state["stages"]["tapt"]["backbone_dir"]) == backbone
+    labels = _labels(run_dir)
+    assert len(labels) == len({e["utt_id"] for e in labels}) == STAGE_ROUNDS * STAGE_PER_ROUND
+    for r in range(STAGE_ROUNDS):
+        m = _round_metrics(run_dir, r)
+        assert m["n_labeled"] == (r + 1) * STAGE_PER_ROUND
+        chosen = pq.read_table(run_dir / "rounds" / f"round_{r:03d}" / "selection.parquet")
+        assert set(chosen["utt_id"].to_pylist()) == {e["utt_id"] for e in labels if e["round"] == r}
+        assert f"test UA {m['test']['ua']:.3f}" in logs
+
+    # The full-data reference, in <name>-full.
+    logs = _run_job(
+        ray_head, "finetune", ["jobs/finetune.py", "--config", config], STAGE_JOB_TIMEOUT_S
+    )
+    assert _line_value(logs, "full-data fine-tune finished: ") == str(full_dir)
+    assert _round_metrics(full_dir, 0)["n_labeled"] == STAGE_POOL
+    assert len(_labels(full_dir)) == STAGE_POOL
+
+    # A 2-trial Ray Tune sweep inside the job: runs under <output_dir>/<name>/, then its report.
+    axis = "al.strategy=" + ",".join(SWEEP_STRATEGIES)
+    logs = _run_job(
+        ray_head,
+        "sweep",
+        ["jobs/sweep.py", "--config", config, "--axis", axis, "--name", "jobsweep"],
+        STAGE_JOB_TIMEOUT_S,
+    )
+    sweep_dir = runs / "jobsweep"
+    assert "sweep jobsweep: 2 trials, 0 failed" in logs, logs[-4000:]
+    assert _line_value(logs, "runs: ") == str(sweep_dir)
+    sweep_report = Path(_line_value(logs, "report: "))
+    assert sweep_report.is_file() and sweep_report.is_relative_to(sweep_dir)
+    trials = sorted(p.parent for p in sweep_dir.glob("*/run_info.json"))
+    strategies = {json.loads((t / "run_info.json").read_text())["strategy"]: t for t in trials}
+    assert sorted(strategies) == sorted(SWEEP_STRATEGIES)
+    for trial_dir in trials:
+        m = _round_metrics(trial_dir, STAGE_ROUNDS - 1)
+        assert m["labeled_fraction"] == pytest.approx(0.5)
+        assert f"test UA {m['test']['ua']:.3f} at 50% labeled (round 1)" in logs
+    assert (sweep_dir / "tune").is_dir()
+
+    # The report, through the `ray job submit` command line itself, exactly as documented.
+    out_dir = runs / "report"
+    argv = ["jobs/report.py", str(run_dir), "--reference", str(full_dir), "--out", str(out_dir)]
+    submitted = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit"]
+        + ["--address", ray_head.address, "--working-dir", "."]
+        + ["--submission-id", f"report-{os.getpid()}-{int(time.time())}", "--", "python", *argv],
+        cwd=REPO,
+        env=ray_head.environment(),
+        capture_output=True,
+        text=True,
+        timeout=STAGE_JOB_TIMEOUT_S,
+    )
+    assert submitted.returncode == 0, (submitted.stdout[-4000:], submitted.stderr[-4000:])
+    assert f"report: {out_dir / 'report.md'}" in submitted.stdout
+    assert "succeeded" in (submitted.stdout + submitted.stderr).lower()
+    md = (out_dir / "report.md").read_text()
+    for r in range(STAGE_ROUNDS):
+        m = _round_metrics(run_dir, r)
+        row = (
+            f"| {r} | {m['labeled_fraction'] * 100:.1f}% | {m['n_labeled']} | "
+            f"{m['test']['ua'] * 100:.1f} | {m['test']['wa'] * 100:.1f} |"
+        )
+        assert row in md, (row, md)
+    reference = _round_metrics(full_dir, 0)["test"]
+    assert f"| full-data fine-tune | 1 (3) | 100.0% | {reference['ua'] * 100:.1f} |" in md
+    assert (out_dir / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
