@@ -173,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "audio":
         from after_ray.bench.audio import run_audio_benchmark
 
-        run_audio_benchmark(n_files=args.n_files, seconds=args.seconds)
+        run_audio_benchmark(n_files=args.n_files, seconds=_seconds(args, 3.0))
         return 0
     if args.what == "select":
         from after_ray.bench.select import run_select_benchmark
@@ -207,9 +207,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "finetune":
         from after_ray.bench.finetune import run_finetune_benchmark
 
-        run_finetune_benchmark(
-            _load(args), utterances=args.utterances, presets=tuple(args.backbones.split(","))
-        )
+        presets = tuple((args.backbones or "tiny,base").split(","))
+        run_finetune_benchmark(_load(args), utterances=args.utterances, presets=presets)
+        return 0
+    if args.what == "backbone":
+        from after_ray.bench.backbone import run_backbone_benchmark
+
+        try:
+            run_backbone_benchmark(
+                args.config,
+                args.overrides or [],
+                presets=tuple((args.backbones or "tiny,base,base-hubert").split(",")),
+                batch_size=args.batch_size,
+                seconds=_seconds(args, 2.0),
+                steps=args.steps,
+                threads=args.threads,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise AfterRayError(str(exc)) from None
         return 0
     if args.what == "al":
         from after_ray.bench.al import run_al_benchmark
@@ -228,6 +243,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _or(value: int | None, default: int) -> int:
     """A bench size option: the option's value, else this benchmark's own default."""
     return default if value is None else value
+
+
+def _seconds(args: argparse.Namespace, default: float) -> float:
+    """``--seconds``: the option's value, else this benchmark's own default."""
+    return default if args.seconds is None else args.seconds
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -374,7 +394,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = _add_command(
         sub, "bench", cmd_bench, "benchmarks: our code against a baseline in the same run"
     )
-    p.add_argument("what", choices=["al", "audio", "select", "load", "finetune"])
+    p.add_argument("what", choices=["al", "audio", "select", "load", "finetune", "backbone"])
     p.add_argument(
         "--arms",
         default="after,random,entropy,coreset",
@@ -392,7 +412,12 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n-files", type=int, default=200, help="audio: total files (alternating over the rates)"
     )
-    p.add_argument("--seconds", type=float, default=3.0, help="audio: seconds per file")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="audio: seconds per file (3); backbone: seconds per utterance (2)",
+    )
     # Sizes default per benchmark (None here, resolved in cmd_bench).
     p.add_argument(
         "--n", type=int, default=None, help="select, load: pool size (1,000,000; load 200,000)"
@@ -412,7 +437,22 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="random", choices=["random", "clustered"])
     p.add_argument("--naive-picks", type=int, default=20)
     p.add_argument("--utterances", type=int, default=96, help="finetune: utterances per epoch")
-    p.add_argument("--backbones", default="tiny,base", help="finetune: presets, comma-separated")
+    p.add_argument(
+        "--backbones",
+        default=None,
+        help="finetune, backbone: presets, comma-separated (tiny,base; backbone: "
+        "tiny,base,base-hubert)",
+    )
+    p.add_argument("--batch-size", type=int, default=2, help="backbone: utterances per step")
+    p.add_argument(
+        "--steps", type=int, default=3, help="backbone: timed steps per phase, after 1 warm-up"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="backbone: torch threads (default: ray.cpus_per_worker)",
+    )
     _add_config_args(p)
 
 
