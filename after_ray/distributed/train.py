@@ -12,6 +12,12 @@ Data pipeline it builds per epoch (``audio_dataset(..., epoch=e)``), rather than
 passed to the trainer: a per-epoch pipeline gives fresh training crops every epoch that are
 still a pure function of (seed, epoch, utt_id), which is what makes a resumed run equal an
 uninterrupted one. Decoding still streams block by block under Ray Data's backpressure.
+With uneven shards the ranks' places in their data differ, so a TAPT checkpoint holds every
+rank's (``rank_positions``) and each resumes at its own; fine-tuning keeps the ranks' step
+counts equal (``training.finetune._steps_on_every_rank``).
+
+``diagnostics_dir`` (``run_tapt``, ``run_finetune``; off by default) makes every rank write what
+it saw: see ``WorkerDiagnostics``. The multi-worker tests use it to prove the workers are real.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from after_ray.config.finetune import FinetuneConfig
 from after_ray.distributed.worker_audio import worker_audio
 from after_ray.errors import AfterRayError, exception_chain
 from after_ray.faults import failpoint
-from after_ray.store.atomic import staged_directory
+from after_ray.store.atomic import atomic_write_json, staged_directory
 
 if TYPE_CHECKING:
     import torch
@@ -142,6 +148,77 @@ def _device():
         return torch.device("cpu")
 
 
+def state_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and raw tensor bytes (equal digests: identical weights)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        flat = state_dict[key].detach().to("cpu").contiguous().reshape(-1)
+        digest.update(key.encode())
+        digest.update(str(flat.dtype).encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class WorkerDiagnostics:
+    """What one training worker saw, for the multi-worker tests; off unless asked for.
+
+    With ``run_tapt(..., diagnostics_dir=d)`` or ``run_finetune(..., diagnostics_dir=d)`` every
+    rank writes ``d/rank-<rank>.json`` when its loop ends (a restarted worker group writes it
+    again):
+
+    - ``rank`` and ``world_size`` from Ray Train's context, ``torch_world_size`` from
+      torch.distributed (1 without a process group);
+    - ``batches``: per epoch of the rank's data source, the utt_ids of every batch it drew from
+      it, in order (fine-tuning counts a batch drawn and then left out to keep the ranks in step);
+    - ``digests``: ``state_digest`` of the weights: ``"initial"`` (as built and DDP-wrapped,
+      before a resumed run loads its checkpoint), then after each TAPT checkpoint (keyed by
+      step) or each fine-tuning epoch (keyed by epoch), and ``"final"`` (what the worker
+      reports as its model).
+
+    Disabled (no directory), every method leaves what it is given as it is.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None, rank: int, world: int):
+        self.path = Path(directory) / f"rank-{rank}.json" if directory else None
+        self.record: dict[str, Any] = {
+            "rank": rank,
+            "world_size": world,
+            "torch_world_size": _torch_world_size(),
+            "batches": {},
+            "digests": {},
+        }
+
+    def batches(self, epoch: int, source: Iterable[dict]) -> Iterable[dict]:
+        if self.path is None:
+            return source
+        drawn = self.record["batches"].setdefault(str(epoch), [])
+
+        def recording() -> Iterable[dict]:
+            for batch in source:
+                drawn.append([str(u) for u in batch["utt_id"]])
+                yield batch
+
+        return recording()
+
+    def digest(self, key: int | str, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.path is not None:
+            self.record["digests"][str(key)] = state_digest(state_dict)
+
+    def write(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, self.record, what="the worker diagnostics")
+
+
+def _torch_world_size() -> int:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
 def _wrap_ddp(model, world: int):
     if world <= 1:
         return model
@@ -229,24 +306,28 @@ def tapt_worker_loop(loop_config: dict) -> dict:
             )
             return {"resumed_finished": True}
         if ckpt_dir is not None:
-            start_state = load_training_state(ckpt_dir / TAPT_STATE)
+            start_state = _own_position(load_training_state(ckpt_dir / TAPT_STATE), rank, world)
 
     device = _device()
     model = load_backbone(backbone_cfg, for_pretraining=True).to(device)
     model = _wrap_ddp(model, world)
+    diagnostics = WorkerDiagnostics(loop_config.get("diagnostics_dir"), rank, world)
+    diagnostics.digest("initial", getattr(model, "module", model).state_dict())
     audio = worker_audio(
         loop_config["rows"][rank::world], audio_cfg, max_hours=loop_config["in_memory_max_hours"]
     )
 
     def batches(epoch: int):
-        return _with_failpoint(
-            audio.train_batches(
-                seed=tapt_cfg.seed + 7919 * rank, epoch=epoch, batch_size=tapt_cfg.batch_size
-            ),
-            "tapt_step",
+        drawn = audio.train_batches(
+            seed=tapt_cfg.seed + 7919 * rank, epoch=epoch, batch_size=tapt_cfg.batch_size
         )
+        return _with_failpoint(diagnostics.batches(epoch, drawn), "tapt_step")
 
     def on_checkpoint(step: int, state: dict) -> None:
+        if world > 1:
+            # All ranks checkpoint at the same step; rank 0 saves everyone's place.
+            state["rank_positions"] = _gather_positions(state, world, device)
+        diagnostics.digest(step, state["model"])
         loss = state.get("loss_history", [float("nan")])
         metrics = {"step": step, "loss": float(loss[-1]) if loss else float("nan")}
         writer.report(metrics, {TAPT_STATE: lambda path: save_training_state(state, path)})
@@ -274,6 +355,8 @@ def tapt_worker_loop(loop_config: dict) -> dict:
         {"step": summary["steps"], "final": 1},
         {"model": lambda path: save_tapt_result(model, path, sampling_rate=sampling_rate)},
     )
+    diagnostics.digest("final", getattr(model, "module", model).state_dict())
+    diagnostics.write()
     return {
         "steps": summary["steps"],
         "loss_history": summary["loss_history"],
@@ -281,6 +364,33 @@ def tapt_worker_loop(loop_config: dict) -> dict:
         # > 0 when this attempt continued from a checkpoint (a restarted worker group or driver).
         "resumed_from_step": int(start_state["step"]) if start_state else 0,
     }
+
+
+_POSITION_KEYS = ("epoch", "batch_in_epoch", "skipped_batches")
+
+
+def _gather_positions(state: dict, world: int, device) -> list[list[int]]:
+    """Every rank's place in its batch stream (``_POSITION_KEYS``), indexed by rank.
+
+    A TAPT state holds the saving rank's place only; with uneven shards (or batches skipped on
+    one rank for having nothing to mask) the other ranks' differ, and resuming them there would
+    feed them other batches than an uninterrupted run.
+    """
+    import torch
+
+    mine = torch.tensor([int(state[k]) for k in _POSITION_KEYS], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(every, mine)
+    return [[int(v) for v in t.cpu().tolist()] for t in every]
+
+
+def _own_position(start_state: dict, rank: int, world: int) -> dict:
+    """``start_state`` with this rank's place in its batches, when the checkpoint has every
+    rank's for this world size (otherwise the saving rank's, as before)."""
+    positions = start_state.get("rank_positions")
+    if world <= 1 or not positions or len(positions) != world:
+        return start_state
+    return {**start_state, **dict(zip(_POSITION_KEYS, positions[rank], strict=True))}
 
 
 def _with_failpoint(batches, name: str):
@@ -307,14 +417,17 @@ def run_tapt(
     storage_path: str | os.PathLike,
     name: str,
     out_dir: str | os.PathLike,
+    diagnostics_dir: str | os.PathLike | None = None,
 ) -> dict:
     """TAPT over ``rows`` (utt_id + path) on Ray Train; the backbone is written to ``out_dir``.
 
     Re-running with the same ``name``/``storage_path`` after a crash resumes from the last
-    checkpoint. Returns the rank-0 summary (steps, loss history, seconds).
+    checkpoint. Returns the rank-0 summary (steps, loss history, seconds). ``diagnostics_dir``:
+    see ``WorkerDiagnostics``.
     """
     loop_config = {
         **_common_loop_config(backbone, audio, ray_cfg, storage_path, name),
+        "diagnostics_dir": str(diagnostics_dir) if diagnostics_dir else None,
         "tapt": dataclasses.asdict(tapt),
         "rows": [{k: r.get(k) for k in ("utt_id", "path", "duration_s")} for r in rows],
     }
@@ -356,9 +469,18 @@ def finetune_worker_loop(loop_config: dict) -> dict:
 
     model = _finetune_model(loop_config, ft_cfg, len(class_names), device, world)
     core = getattr(model, "module", model)
+    diagnostics = WorkerDiagnostics(loop_config.get("diagnostics_dir"), rank, world)
+    diagnostics.digest("initial", core.state_dict())
     train_batches, val_batches = _finetune_batches(
         loop_config, ft_cfg, audio_cfg, label_to_index, core, rank=rank, world=world, device=device
     )
+
+    def recorded_train_batches(epoch: int) -> Iterable[dict]:
+        return diagnostics.batches(epoch, train_batches(epoch))
+
+    def on_epoch_end(record, _model) -> None:
+        diagnostics.digest(record.epoch, core.state_dict())
+        failpoint("finetune_epoch")
 
     def on_checkpoint(epoch: int, get_state) -> None:
         # Every epoch: a worker lost mid-run (or the driver, in local mode) resumes with the
@@ -377,17 +499,19 @@ def finetune_worker_loop(loop_config: dict) -> dict:
     result = finetune(
         ft_cfg,
         model,
-        train_batches,
+        recorded_train_batches,
         val_batches,
         class_names,
         device=device,
         class_counts=counts,
-        on_epoch_end=lambda record, _model: failpoint("finetune_epoch"),
+        on_epoch_end=on_epoch_end,
         start_state=start_state,
         on_checkpoint=on_checkpoint,
     )
     summary = _finetune_summary(result, len(loop_config["train_rows"]), start_state)
     _report_finetune_result(writer, core, result, summary, class_names, ft_cfg)
+    diagnostics.digest("final", result.best_state_dict)
+    diagnostics.write()
     return summary
 
 
@@ -546,12 +670,15 @@ def run_finetune(
     name: str,
     out_dir: str | os.PathLike,
     warm_start_dir: str | os.PathLike | None = None,
+    diagnostics_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Fine-tune on ``train_rows`` (utt_id, path, label[, votes]) with model selection on
-    ``val_rows``; the best classifier is written to ``out_dir``. Returns the training summary."""
+    ``val_rows``; the best classifier is written to ``out_dir``. Returns the training summary.
+    ``diagnostics_dir``: see ``WorkerDiagnostics``."""
     keep = ("utt_id", "path", "label", "votes", "duration_s")
     loop_config = {
         **_common_loop_config(backbone, audio, ray_cfg, storage_path, name),
+        "diagnostics_dir": str(diagnostics_dir) if diagnostics_dir else None,
         "finetune": dataclasses.asdict(finetune_cfg),
         "class_names": list(class_names),
         "train_rows": [{k: r.get(k) for k in keep} for r in train_rows],

@@ -390,21 +390,33 @@ def train_one_epoch(
     epoch: int,
     device: torch.device | str = "cpu",
 ) -> float:
-    """One pass over ``batches``; returns the item-weighted mean training loss."""
+    """One pass over ``batches``; returns the item-weighted mean training loss.
+
+    Under DistributedDataParallel (torch.distributed with more than one rank) every optimizer
+    step is a collective, so all ranks must take the same number of them; see
+    ``_steps_on_every_rank``. The loss returned is then the mean over every rank's items, the
+    same number on every rank.
+    """
     model.train()
+    world = _world_size()
     total, items = 0.0, 0
-    for batch in batches:
+    for batch in _steps_on_every_rank(batches, world, device):
         targets, labeled = batch_targets(
             batch, n_classes, cfg.label_aggregation, seed=cfg.seed, epoch=epoch
         )
-        if not bool(labeled.any()):
+        if not bool(labeled.any()) and world == 1:
             continue
         inputs = model_inputs(batch, device)
         logits = model(**inputs)
         labeled = labeled.to(logits.device)
-        loss = soft_cross_entropy(
-            logits[labeled], targets.to(logits.device)[labeled], class_weights
-        )
+        if bool(labeled.any()):
+            loss = soft_cross_entropy(
+                logits[labeled], targets.to(logits.device)[labeled], class_weights
+            )
+        else:
+            # Nothing labeled in this rank's batch while the others step: a zero loss that
+            # reaches every parameter, so this rank joins the gradient all-reduce with zeros.
+            loss = logits.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm is not None:
@@ -415,12 +427,63 @@ def train_one_epoch(
         count = int(labeled.sum())
         total += float(loss.detach()) * count
         items += count
+    if world > 1:
+        total, items = _sum_over_ranks(total, items, device)
+    if items == 0 and world > 1:
+        raise ConfigError(
+            f"fine-tuning got no labeled utterance in an epoch on any of its {world} workers: "
+            "each trains on as many batches as the worker with the fewest, so a labeled set "
+            "smaller than ray.num_workers leaves one with none (use fewer workers)"
+        )
     if items == 0:
         raise ConfigError(
             "fine-tuning got no labeled utterance in an epoch: the labeled set is empty "
             "(check al.budget.initial and the batch provider)"
         )
     return total / items
+
+
+def _world_size() -> int:
+    """torch.distributed's world size, 1 when it is not running."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _steps_on_every_rank(
+    batches: Iterable[Batch], world: int, device: torch.device | str
+) -> Iterator[Batch]:
+    """``batches`` while every rank still has one: ranks with uneven shards step together.
+
+    DDP all-reduces the gradients in every backward pass, so a rank with one batch more than
+    the others would wait in that all-reduce for ranks that have moved on (to validation and
+    Ray Train's report barrier): a deadlock that only the process group's timeout (30 min)
+    ends. Before each step the ranks agree (an all-reduce MIN of "I have a batch") and all stop
+    when the first runs out: the longer shards' last batches are left out of that epoch, as
+    ``DistributedSampler(drop_last=True)`` does; the shuffle changes per epoch, so other items
+    are left out each epoch. (torch's ``Join`` would train those batches instead, but the ranks that
+    joined early skip their optimizer steps, so their AdamW moments part from the others'.)
+    One rank (``world == 1``) iterates ``batches`` as it is.
+    """
+    if world == 1:
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        have = torch.tensor([0 if batch is None else 1], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+        if not int(have.item()):
+            return
+        assert batch is not None
+        yield batch
+
+
+def _sum_over_ranks(total: float, items: int, device: torch.device | str) -> tuple[float, int]:
+    """(loss sum, item count) summed over every rank."""
+    both = torch.tensor([total, float(items)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both)
+    return float(both[0]), int(round(float(both[1])))
 
 
 @torch.no_grad()
@@ -488,7 +551,8 @@ def finetune(
     checkpoint); returning True stops training. The same seed and inputs give the same result.
     ``model`` may be wrapped in DistributedDataParallel (``best_state_dict`` has no ``module.``
     prefix); each worker selects on what its own ``val_batches`` gives it, so give every worker
-    the whole validation set to keep the selected epoch identical across workers.
+    the whole validation set to keep the selected epoch identical across workers. Workers whose
+    ``train_batches`` differ in length take the same number of steps (``train_one_epoch``).
 
     Resuming: ``on_checkpoint(epoch, get_state)`` runs after each epoch that does not end the
     run; ``get_state()`` builds the state to save (weights, optimizer, best weights so far,

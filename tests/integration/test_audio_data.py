@@ -299,28 +299,55 @@ def test_a_corpus_several_times_the_object_store_streams_through_it(ray_session,
     assert 0 < peak_primary[0] < store_bytes
 
 
-def test_batches_reach_a_ray_train_worker_through_get_dataset_shard(ray_session, corpus, tmp_path):
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_batches_reach_two_ray_train_workers_through_get_dataset_shard(
+    ray_session, corpus, tmp_path
+):
+    """Two real Ray Train workers: each sees world size 2 and its own rank, and gets a non-empty
+    shard of the padded batches; the shards are disjoint and together are the dataset, labels
+    intact. Four rows: Ray Train splits with ``streaming_split(equal=True)``, which drops the
+    rows that do not divide evenly among the workers."""
+    import json
+
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    rows = corpus[:4]
+    out = str(tmp_path / "shards")
 
     # Defined inside the test so it is pickled by value: pytest modules are not importable on
     # Ray workers.
     def train_loop(config):
+        import json
+        import os
+
         import ray.train
 
+        ctx = ray.train.get_context()
         shard = ray.train.get_dataset_shard("train")
         seen = {}
         for b in shard.iter_torch_batches(batch_size=2, collate_fn=PadCollate()):
             assert b["attention_mask"].sum(dim=1).tolist() == b["lengths"].tolist()
             seen.update(zip(b["utt_id"], b["label_index"].tolist(), strict=True))
-        return seen
+        os.makedirs(config["out"], exist_ok=True)
+        record = {"rank": ctx.get_world_rank(), "world": ctx.get_world_size(), "seen": seen}
+        with open(os.path.join(config["out"], f"rank-{ctx.get_world_rank()}.json"), "w") as f:
+            json.dump(record, f)
 
-    # Local mode (num_workers=0) runs the real Train V2 code path in-process in about a second.
     trainer = TorchTrainer(
         train_loop,
-        scaling_config=ScalingConfig(num_workers=0),
-        datasets={"train": audio_dataset(corpus, CFG, mode="train", label_to_index=CLASSES)},
+        train_loop_config={"out": out},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        datasets={"train": audio_dataset(rows, CFG, mode="train", label_to_index=CLASSES)},
         run_config=RunConfig(storage_path=str(tmp_path), name="audio_shard"),
     )
-    seen = trainer.fit().return_value
-    assert seen == {u: (CLASSES[label] if label else -1) for u, _, _, _, label, _ in GOOD}
+    trainer.fit()
+    records = [json.loads((tmp_path / "shards" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"]) for r in records] == [(0, 2), (1, 2)]
+    shards = [r["seen"] for r in records]
+    assert all(shards) and not shards[0].keys() & shards[1].keys()
+    expected = {r["utt_id"]: r["label"] for r in rows}
+    assert {**shards[0], **shards[1]} == {
+        u: (CLASSES[label] if label else -1) for u, label in expected.items()
+    }
