@@ -24,6 +24,16 @@ class FinetuneConfig:
     # Adam(W) learning rate, constant. 1e-3 suits the tiny preset; AFTER used 1e-4 for base.
     lr: float = 1.0e-3
     weight_decay: float = 0.0
+    # Learning rate of the backbone's parameters (None = lr for every parameter): the head gets
+    # lr, the wav2vec2/HuBERT/WavLM model backbone_lr (SpeechBrain's IEMOCAP recipe: 1e-4 / 1e-5).
+    backbone_lr: float | None = None
+    # Optimizer step every this many batches (loss scaled 1/N; the epoch's last, partial group
+    # steps too): the effective batch is batch_size x grad_accumulation x workers.
+    grad_accumulation: int = 1
+    # Autocast of the training forward pass and loss; weights and optimizer state stay fp32.
+    # "auto" = bf16 on a CUDA device, fp32 on the CPU (after_ray.training.precision, as TAPT);
+    # "bf16" on the CPU is allowed (to test that path); "fp16" needs CUDA (with a GradScaler).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Gradient-norm clipping (None = off). Guards the from-scratch tiny model against spikes.
     max_grad_norm: float | None = 1.0
     # Stop after this many epochs without a better validation UA (0 = never stop early). The
@@ -123,6 +133,19 @@ class FinetuneConfig:
             f"{self.checkpoint_every}",
         )
         need(self.lr > 0, f"lr: must be positive, got {self.lr} (tiny: 1e-3, base: 1e-4)")
+        need(
+            self.backbone_lr is None or self.backbone_lr > 0,
+            f"backbone_lr: must be positive or null (= lr), got {self.backbone_lr}",
+        )
+        need(
+            isinstance(self.grad_accumulation, int) and self.grad_accumulation >= 1,
+            f"grad_accumulation: must be an integer >= 1 (1 = a step every batch), got "
+            f"{self.grad_accumulation!r}",
+        )
+        need(
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
+            f"precision: must be auto, fp32, bf16 or fp16, got {self.precision!r}",
+        )
         need(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
         need(
             self.max_grad_norm is None or self.max_grad_norm > 0,

@@ -525,6 +525,9 @@ def _finetune_summary(result: FinetuneResult, n_train: int, start_state: dict | 
         "class_weights": result.class_weights,
         "stopped_early": result.stopped_early,
         "timings": result.timings,
+        # batch_size x grad_accumulation x workers, and the precision it trained in.
+        "effective_batch": result.effective_batch,
+        "precision": result.precision,
         "n_train": n_train,
         # > 0 when this attempt continued from a checkpoint (a restarted worker group or driver).
         "resumed_from_epoch": int(start_state["next_epoch"]) if start_state else 0,

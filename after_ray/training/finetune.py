@@ -22,8 +22,10 @@ scoring always see full utterances, where the cache is exact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,9 +43,11 @@ from after_ray.metrics import classification_report
 from after_ray.models.classifier import SERClassifier
 from after_ray.seeding import blake2b_seed
 from after_ray.store.atomic import to_jsonable
+from after_ray.training.precision import autocast_for, grad_scaler_for, resolve_precision
 
 Batch = dict[str, Any]
 TrainBatches = Callable[[int], Iterable[Batch]]
+log = logging.getLogger(__name__)
 ValBatches = Callable[[], Iterable[Batch]]
 
 
@@ -377,6 +381,9 @@ class FinetuneResult:
     class_weights: list[float] | None
     stopped_early: bool
     timings: dict[str, float] = field(default_factory=dict)
+    # batch_size x grad_accumulation x workers, and the precision "auto" resolved to.
+    effective_batch: int = 0
+    precision: str = "fp32"
 
 
 def train_one_epoch(
@@ -389,44 +396,56 @@ def train_one_epoch(
     cfg: FinetuneConfig,
     epoch: int,
     device: torch.device | str = "cpu",
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One pass over ``batches``; returns the item-weighted mean training loss.
 
+    The optimizer steps every ``cfg.grad_accumulation`` batches on the summed gradients of the
+    group's losses, each scaled 1/N (the epoch's last group steps too, its gradient rescaled to
+    the mean of the batches it has), clipped as one gradient. ``cfg.precision`` autocasts the
+    forward pass and the loss (``after_ray.training.precision``); fp16 scales the loss with
+    ``scaler`` (one is made when it is None), which ``finetune`` keeps across epochs.
+
     Under DistributedDataParallel (torch.distributed with more than one rank) every optimizer
     step is a collective, so all ranks must take the same number of them; see
-    ``_steps_on_every_rank``. The loss returned is then the mean over every rank's items, the
-    same number on every rank.
+    ``_steps_on_every_rank``. Micro-batches that do not step run under ``model.no_sync()`` (the
+    all-reduce comes with the group's last backward pass). The loss returned is then the mean
+    over every rank's items, the same number on every rank.
     """
     model.train()
     world = _world_size()
-    total, items = 0.0, 0
-    for batch in _steps_on_every_rank(batches, world, device):
+    resolved = resolve_precision(cfg.precision, device)
+    if scaler is None:
+        scaler = grad_scaler_for(resolved, device)
+    accumulation = cfg.grad_accumulation
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total, items, pending = 0.0, 0, 0
+    for batch, last in _with_last(_steps_on_every_rank(batches, world, device)):
         targets, labeled = batch_targets(
             batch, n_classes, cfg.label_aggregation, seed=cfg.seed, epoch=epoch
         )
-        if not bool(labeled.any()) and world == 1:
-            continue
-        inputs = model_inputs(batch, device)
-        logits = model(**inputs)
-        labeled = labeled.to(logits.device)
-        if bool(labeled.any()):
-            loss = soft_cross_entropy(
-                logits[labeled], targets.to(logits.device)[labeled], class_weights
-            )
-        else:
-            # Nothing labeled in this rank's batch while the others step: a zero loss that
-            # reaches every parameter, so this rank joins the gradient all-reduce with zeros.
-            loss = logits.float().sum() * 0.0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm
-            )
-        optimizer.step()
-        count = int(labeled.sum())
-        total += float(loss.detach()) * count
-        items += count
+        if bool(labeled.any()) or world > 1:
+            steps_now = last or pending + 1 == accumulation
+            syncs = steps_now or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if syncs else model.no_sync():
+                loss, count = _micro_batch(
+                    model,
+                    batch,
+                    targets,
+                    labeled,
+                    class_weights,
+                    device,
+                    resolved,
+                    optimizer if pending == 0 else None,
+                    scaler,
+                    accumulation,
+                )
+            pending += 1
+            total += loss * count
+            items += count
+        if pending and (pending == accumulation or last):
+            _optimizer_step(optimizer, trainable, cfg, scaler, accumulation / pending)
+            pending = 0
     if world > 1:
         total, items = _sum_over_ranks(total, items, device)
     if items == 0 and world > 1:
@@ -441,6 +460,73 @@ def train_one_epoch(
             "(check al.budget.initial and the batch provider)"
         )
     return total / items
+
+
+def _micro_batch(
+    model: SERClassifier,
+    batch: Batch,
+    targets: torch.Tensor,
+    labeled: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    device: torch.device | str,
+    resolved: str,
+    zero_grad_of: torch.optim.Optimizer | None,
+    scaler: torch.amp.GradScaler | None,
+    accumulation: int,
+) -> tuple[float, int]:
+    """Forward (autocast), loss and backward of one batch: (its loss, its labeled items).
+    ``zero_grad_of`` (the optimizer, on a group's first batch) has its gradients cleared first."""
+    with autocast_for(resolved, device):  # type: ignore[arg-type]
+        logits = model(**model_inputs(batch, device))
+        labeled = labeled.to(logits.device)
+        if bool(labeled.any()):
+            loss = soft_cross_entropy(
+                logits[labeled], targets.to(logits.device)[labeled], class_weights
+            )
+        else:
+            # Nothing labeled in this rank's batch while the others step: a zero loss that
+            # reaches every parameter, so this rank joins the gradient all-reduce with zeros.
+            loss = logits.float().sum() * 0.0
+    if zero_grad_of is not None:
+        zero_grad_of.zero_grad(set_to_none=True)
+    scaled = loss if accumulation == 1 else loss / accumulation
+    (scaled if scaler is None else scaler.scale(scaled)).backward()
+    return float(loss.detach()), int(labeled.sum())
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    trainable: list[nn.Parameter],
+    cfg: FinetuneConfig,
+    scaler: torch.amp.GradScaler | None,
+    rescale: float,
+) -> None:
+    """Step on the accumulated gradient: unscale (fp16), make it the group's mean when the
+    group was short (``rescale`` = N / its batches), clip, step."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if rescale != 1.0:
+        for param in trainable:
+            if param.grad is not None:
+                param.grad.mul_(rescale)
+    if cfg.max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` for each item: one item of look-ahead."""
+    iterator = iter(items)
+    sentinel = object()
+    current = next(iterator, sentinel)
+    while current is not sentinel:
+        following = next(iterator, sentinel)
+        yield current, following is sentinel
+        current = following
 
 
 def _world_size() -> int:
@@ -570,9 +656,24 @@ def finetune(
     model.to(device)
     weights_np, weights = _loss_weights(cfg, train_batches, core.n_classes, class_counts, device)
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    resolved = resolve_precision(cfg.precision, device)  # fp16 on the CPU fails here, at start
+    scaler = grad_scaler_for(resolved, device)
+    world = _world_size()
+    effective_batch = cfg.batch_size * cfg.grad_accumulation * world
+    log.info(
+        "fine-tuning: effective batch %d = batch_size %d x grad_accumulation %d x %d worker(s); "
+        "precision %s (%s on %s); lr %g head, %g backbone",
+        effective_batch,
+        cfg.batch_size,
+        cfg.grad_accumulation,
+        world,
+        resolved,
+        cfg.precision,
+        torch.device(device).type,
+        cfg.lr,
+        cfg.lr if cfg.backbone_lr is None else cfg.backbone_lr,
     )
+    optimizer = build_optimizer(cfg, core)
     selection = _Selection()
     stopped_early = False
     first_epoch = 0
@@ -592,6 +693,7 @@ def finetune(
             cfg=cfg,
             epoch=epoch,
             device=device,
+            scaler=scaler,
         )
         record = selection.add(epoch, train_loss, report, train_s, val_s, core)
         if on_epoch_end is not None and on_epoch_end(record, model):
@@ -619,6 +721,24 @@ def finetune(
             "val_s": sum(r.val_s for r in selection.history),
             "epochs_run": float(len(selection.history)),
         },
+        effective_batch=effective_batch,
+        precision=resolved,
+    )
+
+
+def build_optimizer(cfg: FinetuneConfig, model: SERClassifier) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: one group at ``cfg.lr``, or, with
+    ``cfg.backbone_lr``, the backbone's (``model.backbone``) at backbone_lr and the rest (the
+    head) at lr. Every trainable parameter is in exactly one group."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.backbone_lr is None:
+        return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    in_backbone = {id(p) for p in model.backbone.parameters()}
+    backbone = [p for p in trainable if id(p) in in_backbone]
+    head = [p for p in trainable if id(p) not in in_backbone]
+    groups = [{"params": head, "lr": cfg.lr}, {"params": backbone, "lr": cfg.backbone_lr}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
 
 
@@ -656,6 +776,7 @@ def _train_and_validate(
     cfg: FinetuneConfig,
     epoch: int,
     device: torch.device | str,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, dict[str, Any], float, float]:
     """One epoch: (training loss, validation report, training seconds, validation seconds)."""
     # Reseed per epoch: dropout and SpecAugment draws then depend on (seed, epoch) only.
@@ -670,6 +791,7 @@ def _train_and_validate(
         cfg=cfg,
         epoch=epoch,
         device=device,
+        scaler=scaler,
     )
     train_s = time.perf_counter() - tick
     tick = time.perf_counter()

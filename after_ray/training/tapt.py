@@ -45,6 +45,7 @@ from after_ray.models.pretraining import (
     wav2vec2_pretraining_loss,
 )
 from after_ray.seeding import seedsequence_seed
+from after_ray.training.precision import autocast_for, resolve_precision
 
 # Independent random streams derived from (seed, rank, step, stream).
 _MASK_STREAM = 0
@@ -216,12 +217,6 @@ def _distributed() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _use_bf16(cfg: TaptConfig, device: torch.device) -> bool:
-    if cfg.precision == "auto":
-        return device.type == "cuda"
-    return cfg.precision == "bf16"
 
 
 def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager[None]:
@@ -407,11 +402,7 @@ def _start_run(
     state = TaptState(model, optimizer, scheduler, head=head, targets=targets)
     if start_state is not None:
         state.load_state_dict(start_state)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if _use_bf16(cfg, device)
-        else contextlib.nullcontext()
-    )
+    autocast = autocast_for(resolve_precision(cfg.precision, device), device)
     trainable = [p for p in parameters if p.requires_grad]
     return _Run(cfg, state, core, objective, device, rank, world, trainable, autocast)
 

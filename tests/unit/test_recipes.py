@@ -29,6 +29,7 @@ def test_the_tiny_recipe_is_the_dataclass_defaults():
     assert asdict(_config()) == asdict(Config())
     assert asdict(_config(backbone={"name_or_path": "tiny-hubert"}).tapt) == asdict(Config().tapt)
     assert RECIPES["tiny"].tapt == {} and RECIPES["tiny"].finetune == {}
+    assert Config().finetune.backbone_lr is None  # tiny: one lr for every parameter
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,7 @@ def test_base_checkpoint_gets_afters_and_fairseqs_values_and_user_keys_win():
     assert (t.mask_prob, t.mask_length, t.num_negatives) == (0.65, 10, 100)
     assert (t.gumbel_temperature_start, t.gumbel_temperature_end) == (0.5, 0.5)
     assert (f.lr, f.epochs, f.freeze_feature_encoder, f.proj_size) == (1.0e-4, 30, True, 256)
+    assert f.backbone_lr == 1.0e-5  # SpeechBrain's IEMOCAP recipe: 1e-4 head, 1e-5 wav2vec2
     assert (f.mask_time_prob, f.mask_time_length, f.mask_channel_length) == (0.08, 15, 64)
 
     # The user's keys win; a shorter TAPT keeps an 8% warm-up unless warmup_steps is set.
@@ -96,6 +98,7 @@ def test_hubert_and_large_recipes_differ_where_their_sources_do():
     large = _config(backbone={"name_or_path": "facebook/wav2vec2-large-lv60"})
     assert large.tapt.lr == 6.0e-5 and large.tapt.gumbel_temperature_end == 0.1
     assert large.finetune.lr == 5.0e-5 and large.finetune.mask_channel_length == 85
+    assert large.finetune.backbone_lr == 5.0e-6
 
 
 def test_recipe_none_and_a_forced_recipe():
