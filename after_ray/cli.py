@@ -218,14 +218,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 args.config,
                 args.overrides or [],
                 presets=tuple((args.backbones or "tiny,base,base-hubert").split(",")),
-                batch_size=args.batch_size,
+                batch_size=_or(args.batch_size, 2),
                 seconds=_seconds(args, 2.0),
-                steps=args.steps,
+                steps=_or(args.steps, 3),
                 threads=args.threads,
             )
         except (ValueError, RuntimeError) as exc:
             raise AfterRayError(str(exc)) from None
         return 0
+    if args.what == "gpu":
+        from after_ray.bench.gpu import run_gpu_check
+
+        try:
+            return run_gpu_check(
+                args.config,
+                args.overrides or [],
+                quick=args.quick,
+                precision=args.precision,
+                batch_size=_or(args.batch_size, 8),
+                seconds=_seconds(args, 4.0),
+                steps=args.steps,
+            )
+        except ValueError as exc:
+            raise AfterRayError(f"bench gpu: {exc}") from None
     if args.what == "al":
         from after_ray.bench.al import run_al_benchmark
 
@@ -394,7 +409,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = _add_command(
         sub, "bench", cmd_bench, "benchmarks: our code against a baseline in the same run"
     )
-    p.add_argument("what", choices=["al", "audio", "select", "load", "finetune", "backbone"])
+    p.add_argument("what", choices=["al", "audio", "select", "load", "finetune", "backbone", "gpu"])
     p.add_argument(
         "--arms",
         default="after,random,entropy,coreset",
@@ -416,7 +431,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--seconds",
         type=float,
         default=None,
-        help="audio: seconds per file (3); backbone: seconds per utterance (2)",
+        help="audio: seconds per file (3); backbone, gpu: seconds per utterance (2; gpu: 4)",
     )
     # Sizes default per benchmark (None here, resolved in cmd_bench).
     p.add_argument(
@@ -443,9 +458,27 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="finetune, backbone: presets, comma-separated (tiny,base; backbone: "
         "tiny,base,base-hubert)",
     )
-    p.add_argument("--batch-size", type=int, default=2, help="backbone: utterances per step")
     p.add_argument(
-        "--steps", type=int, default=3, help="backbone: timed steps per phase, after 1 warm-up"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="backbone, gpu: utterances per step (2; gpu: 8)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="backbone, gpu: timed steps per phase, after 1 warm-up (3; gpu --quick: 1)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="gpu: wav2vec2-base only, 1 timed step per stage"
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="gpu: fine-tuning and scoring precision (auto = bf16 on CUDA; TAPT uses bf16 "
+        "for fp16)",
     )
     p.add_argument(
         "--threads",

@@ -228,7 +228,7 @@ def _measure_tapt(job: dict[str, Any]) -> dict[str, Any]:
         losses.append(float(metrics["loss"]))
 
     tick = time.perf_counter()
-    tapt_loop(cfg, model, batches, on_metrics=on_metrics, device="cpu", rank=0)
+    tapt_loop(cfg, model, batches, on_metrics=on_metrics, device=job.get("device", "cpu"), rank=0)
     total = time.perf_counter() - tick
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"bench backbone: TAPT of {job['preset']!r} gave losses {losses}")
@@ -254,6 +254,7 @@ def _measure_finetune(job: dict[str, Any]) -> dict[str, Any]:
 
     config, recipe = _config(job)
     cfg = config.finetune
+    device = job.get("device", "cpu")  # bench gpu runs these on "cuda"
     torch.manual_seed(cfg.seed)
     model = build_classifier(load_backbone(config.backbone, for_pretraining=False), N_CLASSES, cfg)
     n = cfg.epochs
@@ -263,7 +264,7 @@ def _measure_finetune(job: dict[str, Any]) -> dict[str, Any]:
     if cfg.cache_features and model.feature_encoder_frozen:
         tick = time.perf_counter()
         cached_train, cached_val, _ = make_cached_providers(
-            cfg, model, train, val, sampling_rate=config.audio.sample_rate
+            cfg, model, train, val, device=device, sampling_rate=config.audio.sample_rate
         )
         cache_s = time.perf_counter() - tick
         # One batch per epoch: the epoch's training time is one optimizer step.
@@ -276,7 +277,13 @@ def _measure_finetune(job: dict[str, Any]) -> dict[str, Any]:
         what = "audio (CNN frozen)" if frozen else "audio (CNN trained)"
     classes = [f"c{i}" for i in range(N_CLASSES)]
     result = finetune(
-        cfg, model, train_batches, val_batches, classes, class_counts=[1.0] * N_CLASSES
+        cfg,
+        model,
+        train_batches,
+        val_batches,
+        classes,
+        class_counts=[1.0] * N_CLASSES,
+        device=device,
     )
     per_step = [r.train_s for r in result.history]
     losses = [r.train_loss for r in result.history]
