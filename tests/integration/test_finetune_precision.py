@@ -17,7 +17,12 @@ from after_ray.config.finetune import FinetuneConfig
 from after_ray.errors import ConfigError
 from after_ray.models.backbones import load_backbone
 from after_ray.models.classifier import build_classifier
-from after_ray.training.finetune import build_optimizer, finetune, train_one_epoch
+from after_ray.training.finetune import (
+    build_optimizer,
+    finetune,
+    make_cached_providers,
+    train_one_epoch,
+)
 
 # No randomness left in a training step: no dropout, no SpecAugment, no random crop (the
 # utterances are shorter than max_duration_s) and equal lengths, so no padding either.
@@ -105,6 +110,41 @@ def test_bf16_autocast_runs_in_bfloat16_and_keeps_weights_fp32(items):
     assert all(torch.equal(auto_weights[k], fp32_weights[k]) for k in fp32_weights)
 
 
+def test_bf16_autocast_covers_training_on_cached_cnn_features(items):
+    """The cached-features path (frozen CNN, its output cached once in fp32) trains its
+    Transformer and head in bfloat16 too; the cache itself stays float32."""
+    losses, caches = {}, {}
+    for precision in ("bf16", "fp32"):
+        cfg = FinetuneConfig(precision=precision, batch_size=4, **EXACT)
+        model = _classifier(cfg)
+        train, _, _ = make_cached_providers(
+            cfg, model, make_batches(items["train"], 4), make_batches(items["val"], 4)
+        )
+        caches[precision] = train.cache
+        seen: set[torch.dtype] = set()
+        handles = [
+            m.register_forward_hook(lambda mod, i, out, seen=seen: seen.add(out.dtype))
+            for m in model.modules()
+            if type(m) is nn.Linear
+        ]
+        losses[precision] = train_one_epoch(
+            model,
+            build_optimizer(cfg, model),
+            train(0),
+            n_classes=len(CLASS_NAMES),
+            class_weights=None,
+            cfg=cfg,
+            epoch=0,
+        )
+        for handle in handles:
+            handle.remove()
+        assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert {v.dtype for v in caches["bf16"].values()} == {torch.float32}
+    assert losses["bf16"] != losses["fp32"]
+    assert abs(losses["bf16"] - losses["fp32"]) <= 0.02 * abs(losses["fp32"])
+
+
 def test_fp16_on_the_cpu_is_refused_at_start_and_says_to_use_bf16(items):
     cfg = FinetuneConfig(precision="fp16", epochs=1, **EXACT)
     model = _classifier(cfg)
@@ -167,6 +207,11 @@ def test_batch_4_with_accumulation_2_equals_batch_8(items, caplog):
     lines = [r.getMessage() for r in caplog.records if "effective batch" in r.getMessage()]
     assert len(lines) == 1  # once per fine-tune
     assert "effective batch 8 = batch_size 4 x grad_accumulation 2 x 1 worker(s)" in lines[0]
+    # What a round's finetune_summary.json holds (run_finetune's summary).
+    from after_ray.distributed.train import _finetune_summary
+
+    summary = _finetune_summary(accumulated, 12, None)
+    assert (summary["effective_batch"], summary["precision"]) == (8, "fp32")
 
     acc_losses = [r.train_loss for r in accumulated.history]
     ref_losses = [r.train_loss for r in reference.history]
