@@ -14,6 +14,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("RAY_ADDRESS", None)
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Hypothesis: a failure must reproduce. Every profile prints the reproduce blob
+# (@reproduce_failure) with the falsifying example; under CI (CI set and non-empty, as CI sets
+# it) the examples are derandomized -- the same ones on every run, no example database, no
+# deadline on a slow shared machine -- so a red CI run is red again on a laptop with `CI=true`.
+# HYPOTHESIS_PROFILE=ci|dev picks one by hand (`make mutation` uses ci: a mutant must not be
+# killed or spared by luck). Both start from Hypothesis's defaults, not from the CI profile it
+# loads by itself whenever a CI variable exists.
+_DEFAULT = settings.get_profile("default")
+settings.register_profile("dev", _DEFAULT, print_blob=True)
+settings.register_profile(
+    "ci",
+    _DEFAULT,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
 
 # Small object store: the streaming tests rely on it being much smaller than the data they push.
 RAY_OBJECT_STORE_BYTES = 200 * 1024**2
