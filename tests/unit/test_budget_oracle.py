@@ -183,3 +183,160 @@ def test_oracle_refuses_unlabeled_unknown_and_out_of_set_items():
         SimulatedOracle(rows, label_noise=1.0, class_names=CLASSES)
     with pytest.raises(ConfigError):
         SimulatedOracle(rows, class_names=["only"])
+
+
+# --------------------------------------------------------------------------- budget: edges
+
+
+def test_from_config_reads_every_field():
+    config = SimpleNamespace(unit="count", initial=7, per_round=3, max_total=13)
+    assert Budget.from_config(config) == Budget("count", 7, 3, 13)
+    assert Budget.from_config(config).schedule(100) == [7, 10, 13]
+
+
+def test_budget_boundaries():
+    # A whole pool (fraction 1) is allowed; one item is a pool; one item is a first round.
+    assert Budget("fraction", 0.5, 0.5, 1.0).schedule(10) == [5, 10]
+    assert Budget("count", 1, 1, 1).schedule(1) == [1]
+    assert Budget("fraction", 0.1, 0.1, 0.2).schedule(10) == [1, 2]
+    assert Budget("fraction", 0.1, 0.1, 0.2).round_sizes(10) == [1, 1]
+    assert Budget("count", 4, 2, 8).take(["e", "d", "c"], target=5, spent=4) == ["e"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("hours", 1, 1, 2),
+            "al.budget.unit: 'hours' is not one of fraction, count, seconds",
+        ),
+        (("count", 0, 1, 2), "al.budget.initial: must be a positive number, got 0"),
+        (
+            ("fraction", float("nan"), 0.05, 0.2),
+            "al.budget.initial: must be a positive number, got nan",
+        ),
+        (("count", 1, float("inf"), 2), "al.budget.per_round: must be a positive number, got inf"),
+        (("fraction", "0.1", 0.05, 0.2), "al.budget.initial: must be a positive number, got '0.1'"),
+        (
+            ("count", 0, 1.5, 2),
+            "al.budget.initial: must be a positive number, got 0; "
+            "al.budget.per_round: a count must be a whole number, got 1.5",
+        ),
+        (
+            ("fraction", 0.1, 0.05, 1.5),
+            "al.budget.max_total: a fraction must be at most 1, got 1.5",
+        ),
+        (("fraction", 0.3, 0.05, 0.2), "al.budget.initial (0.3) exceeds al.budget.max_total (0.2)"),
+    ],
+)
+def test_invalid_budget_messages(args, message):
+    with pytest.raises(ConfigError) as err:
+        Budget(*args)
+    assert str(err.value) == message
+
+
+def test_schedule_and_take_refusals_name_the_problem():
+    durations = {"a": 4.0, "b": 6.0}
+    cases = [
+        (
+            lambda: Budget().schedule(0),
+            CorpusError,
+            "the training pool is empty: there is nothing to label",
+        ),
+        (
+            lambda: Budget().schedule([]),
+            CorpusError,
+            "the training pool is empty: there is nothing to label",
+        ),
+        (
+            lambda: Budget("fraction", 0.01, 0.01, 0.02).schedule(50),
+            ConfigError,
+            "al.budget.initial: 0.01 of a pool of 50 items is 0 items; raise it (or use unit: count)",
+        ),
+        (
+            lambda: Budget().schedule(10, votes_per_item=0),
+            ValueError,
+            "votes_per_item must be >= 1, got 0",
+        ),
+        (
+            lambda: Budget("seconds", 1, 1, 2).round_sizes(durations),
+            ValueError,
+            "a seconds budget has no fixed round sizes: take candidates with take_within",
+        ),
+        (
+            lambda: Budget("seconds", 1, 1, 2).take(["a"], target=2, spent=0),
+            ValueError,
+            "a seconds budget needs the candidates' durations",
+        ),
+        (
+            lambda: Budget("seconds", 1, 1, 2).schedule(10),
+            ValueError,
+            "a seconds budget needs the pool's durations, not its size",
+        ),
+        (
+            lambda: take_within(["a"], durations, 5.0, 0),
+            ValueError,
+            "votes_per_item must be >= 1, got 0",
+        ),
+        (
+            lambda: take_within(["a", "zzz"], durations, 100.0),
+            CorpusError,
+            "utterance 'zzz' has no usable duration (None); a seconds budget needs every duration: "
+            "run `after-ray prepare`, which reads them from the audio headers",
+        ),
+        (
+            lambda: Budget("seconds", 1, 1, 2).schedule([3.0, 0.0]),
+            CorpusError,
+            "utterance #1 has no usable duration (0.0); a seconds budget needs every duration: "
+            "run `after-ray prepare`, which reads them from the audio headers",
+        ),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error) as err:
+            call()
+        assert str(err.value) == message
+
+
+def test_seconds_budget_defaults_to_one_vote_and_reads_a_list_of_durations():
+    from after_ray.al.budget import pool_annotator_seconds
+
+    durations = {"a": 4.0, "b": 6.0, "c": 10.0, "d": 2.0, "e": 8.0}
+    budget = Budget("seconds", 20, 10, 45)
+    assert budget.schedule(durations) == [20.0, 30.0]  # 30 s of audio, one vote each
+    assert budget.schedule([4.0, 6.0, 10.0, 2.0, 8.0]) == [20.0, 30.0]
+    assert pool_annotator_seconds(durations) == 30.0
+    assert pool_annotator_seconds([0.5, 1.0, 2.5]) == 4.0
+    assert pool_annotator_seconds([0.5, 1.0, 2.5], votes_per_item=3) == 12.0
+    assert annotator_seconds(["a", "d"], durations) == 6.0
+    assert take_within(["d", "a", "b"], durations, 6.0) == ["d", "a"]
+    assert budget.take(["d", "a", "b"], target=30.0, spent=24.0, durations=durations) == ["d", "a"]
+    # Nothing left to spend: no candidate, and no durations needed to know it.
+    assert budget.take(["d"], target=30.0, spent=30.0) == []
+
+
+def test_take_within_accumulates_and_keeps_a_clip_within_rounding_of_the_allowance():
+    durations = {"a": 4.0, "b": 6.0, "d": 2.0, "x": 1.0 + 1e-9, "one": 1.0}
+    # 8 + 12 = 20 is spent; d (4 more) would make 24.
+    assert take_within(["a", "b", "d"], durations, 20.0, votes_per_item=2) == ["a", "b"]
+    assert take_within(["x"], durations, 1.0) == ["x"]
+    assert take_within(["one", "one"], durations, 1.5) == ["one"]
+    with pytest.raises(CorpusError):
+        take_within(["z"], {"z": 0.0}, 5.0)
+
+
+def test_a_budget_beyond_the_pool_warns_once_with_the_numbers(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="after_ray.al.budget"):
+        assert Budget("count", 100, 50, 300).schedule(300) == [100, 150, 200, 250, 300]
+        assert Budget("seconds", 2, 2, 4).schedule({"a": 2.0, "b": 2.0}) == [2.0, 4.0]
+    assert caplog.records == []  # exactly the pool: nothing to warn about
+    with caplog.at_level(logging.WARNING, logger="after_ray.al.budget"):
+        Budget("count", 100, 50, 300).schedule(120)
+        Budget("seconds", 2, 2, 6).schedule({"a": 2.0, "b": 2.5})
+    assert [r.getMessage() for r in caplog.records] == [
+        "the budget (300 count) exceeds the pool (120 items); the schedule stops when the pool "
+        "is fully labeled",
+        "the budget (6 seconds) exceeds the pool (4.5 annotator-seconds); the schedule stops "
+        "when the pool is fully labeled",
+    ]
