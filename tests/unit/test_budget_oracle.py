@@ -340,3 +340,94 @@ def test_a_budget_beyond_the_pool_warns_once_with_the_numbers(caplog):
         "the budget (6 seconds) exceeds the pool (4.5 annotator-seconds); the schedule stops "
         "when the pool is fully labeled",
     ]
+
+
+# --------------------------------------------------------------------------- oracle: edges
+
+
+def test_oracle_from_config_defaults_and_two_classes():
+    from after_ray.al.oracle import rows_by_id
+
+    rows = rows_by_id([{"utt_id": "a", "label": "x"}, {"utt_id": "b", "label": "y", "votes": None}])
+    assert rows == {
+        "a": {"utt_id": "a", "label": "x"},
+        "b": {"utt_id": "b", "label": "y", "votes": None},
+    }
+    config = SimpleNamespace(votes_per_item=3, label_noise=0.25, seed=11)
+    oracle = SimulatedOracle.from_config(config, rows, ["x", "y"])
+    assert repr(oracle) == "SimulatedOracle(votes_per_item=3, label_noise=0.25, seed=11, classes=2)"
+    assert oracle.rows is rows and oracle.class_names == ["x", "y"]
+    direct = SimulatedOracle(
+        rows, votes_per_item=3, label_noise=0.25, seed=11, class_names=["x", "y"]
+    )
+    assert oracle.label(["a", "b"], 4) == direct.label(["a", "b"], 4)
+    # seed defaults to 0
+    many = _manifest(300)
+    noisy = SimulatedOracle(many, label_noise=0.5, class_names=CLASSES)
+    assert noisy.label(list(many), 0) == SimulatedOracle(
+        many, label_noise=0.5, seed=0, class_names=CLASSES
+    ).label(list(many), 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            {"class_names": ["a"]},
+            "the simulated oracle needs at least two distinct class names, got ['a']",
+        ),
+        (
+            {"class_names": ["a", "a"]},
+            "the simulated oracle needs at least two distinct class names, got ['a', 'a']",
+        ),
+        (
+            {"class_names": ["a", "b"], "votes_per_item": 0},
+            "al.oracle.votes_per_item: must be at least 1 (or null)",
+        ),
+        (
+            {"class_names": ["a", "b"], "label_noise": 1.0},
+            "al.oracle.label_noise: must be in [0, 1), got 1.0",
+        ),
+    ],
+)
+def test_oracle_config_refusals(kwargs, message):
+    with pytest.raises(ConfigError) as err:
+        SimulatedOracle({}, **kwargs)
+    assert str(err.value) == message
+
+
+def test_oracle_refusal_messages_in_full():
+    rows = {
+        "pool/x": {"utt_id": "pool/x", "label": None},
+        "odd/y": {"utt_id": "odd/y", "label": "contempt"},
+    }
+    oracle = SimulatedOracle(rows, class_names=["a", "b"])
+    with pytest.raises(ConfigError) as err:
+        oracle.label(["pool/x"], 0)
+    assert str(err.value) == (
+        "'pool/x' has no label in the manifest (unlabeled pool): a simulated oracle cannot label "
+        "it. Set al.oracle.kind: human and label it with `after-ray label export` / "
+        "`after-ray label import`"
+    )
+    with pytest.raises(CorpusError) as err:
+        oracle.label(["nope"], 0)
+    assert str(err.value) == "'nope' is not in the manifest the oracle was given"
+    with pytest.raises(CorpusError) as err:
+        oracle.label(["odd/y"], 0)
+    assert str(err.value) == (
+        "'odd/y' is labeled 'contempt', which is not one of the classes ['a', 'b']: add it to "
+        "corpus.classes or map it with corpus.label_map"
+    )
+
+
+def test_noise_hits_each_recorded_vote_independently_with_its_own_other_class():
+    # Three recorded votes per item, all "neutral". Each vote flips on its own coin (so an item
+    # mixes flipped and kept votes 1 - 0.5^3 - 0.5^3 = 3/4 of the time), and each flipped vote
+    # draws its own other class (two flipped votes differ 2/3 of the time).
+    rows = _manifest(4000, votes=["neutral", "neutral", "neutral"], labels=["neutral"])
+    answers = SimulatedOracle(rows, label_noise=0.5, seed=2, class_names=CLASSES).label(rows, 0)
+    flipped = [[v for v in a["votes"] if v != "neutral"] for a in answers]
+    mixed = sum(0 < len(f) < 3 for f in flipped) / len(flipped)
+    assert abs(mixed - 0.75) < 0.03
+    pairs = [f[:2] for f in flipped if len(f) >= 2]
+    assert abs(sum(a != b for a, b in pairs) / len(pairs) - 2 / 3) < 0.04
