@@ -1067,3 +1067,233 @@ def test_default_cold_start_is_random():
 
     assert ALConfig().cold_start == "random"
     assert ALConfig().strategy == "after"
+
+
+# ---------------------------------------------------------------------------- helpers, by value
+
+
+def test_after_balance_stays_inside_the_prefilter():
+    pool = balanced_pool(n_labeled=6)
+    strategy = get_strategy("after", balance=True, prefilter_factor=2)
+    candidates = strategy.candidates(pool, 6)
+    assert len(candidates) == 12 < pool.n_unlabeled
+    picked = positions_of(pool, strategy.select(pool, 6, seed=0))
+    mask = np.zeros(len(pool), dtype=bool)
+    mask[candidates] = True
+    assert set(picked) <= set(candidates.tolist())
+    assert picked == naive_balanced(pool, mask, 6)
+
+
+def test_after_bald_balance_predicts_from_the_mean_of_the_samples():
+    from after_ray.al.strategies.hybrid import AfterHybrid
+
+    pool = make_pool(n=30, seed=12, fields=("mc_probs", "embeddings"))
+    strategy = AfterHybrid(uncertainty="bald", balance=True)
+    np.testing.assert_array_equal(
+        strategy.predicted_classes(pool), np.argmax(pool.mc_probs.mean(axis=1), axis=1)
+    )
+    assert len(strategy.select(pool, 5, seed=0)) == 5  # no probs needed anywhere
+
+
+def test_hybrid_uncertainty_scores_and_prefilter_size_by_hand():
+    from after_ray.al.strategies.hybrid import prefilter_size, uncertainty_scores
+
+    assert prefilter_size(5, 100, 1.3) == 7  # ceil(6.5)
+    assert prefilter_size(30, 100, 1.1) == 33  # 33.000000000000004 is 33
+    assert prefilter_size(5, 100, 1.0) == 5 and prefilter_size(5, 12, 4.0) == 12
+    two = make_pool(n=10, mc_samples=2, seed=13, fields=("mc_probs",))
+    np.testing.assert_array_equal(uncertainty_scores(two, "bald"), get_strategy("bald").score(two))
+    one = make_pool(n=10, mc_samples=1, n_classes=3, seed=13, fields=("mc_probs",))
+    with pytest.raises(PoolError) as err:
+        uncertainty_scores(one, "bald")
+    assert str(err.value) == (
+        "uncertainty 'bald' needs at least 2 Monte-Carlo dropout samples per item, the pool "
+        "has 1; set al.mc_dropout_samples >= 2"
+    )
+    with pytest.raises(ValueError) as err:
+        uncertainty_scores(two, "variance")
+    assert str(err.value) == "unknown uncertainty measure 'variance'"
+
+
+def test_cluster_margin_uses_its_own_iteration_count_and_sqrt_n_clusters():
+    from after_ray.al.kernels.clustering import kmeans
+
+    assert [default_n_clusters(n) for n in (1, 2, 4, 5, 100)] == [1, 2, 2, 3, 10]
+    u = np.random.default_rng(14).random((3000, 2)).astype(np.float32)
+    pool = PoolView(
+        utt_ids=np.array([f"u{i:04d}" for i in range(3000)]),
+        labeled=np.zeros(3000, dtype=bool),
+        embeddings=u,
+    )
+    one = kmeans(u, 55, seed=3, niter=1)[1]  # ceil(sqrt(3000)) clusters
+    assert not np.array_equal(one, kmeans(u, 55, seed=3, niter=20)[1])
+    np.testing.assert_array_equal(ClusterMarginSampling(kmeans_niter=1).cluster(pool, seed=3), one)
+
+
+def test_typiclust_helpers_by_value():
+    from after_ray.al.strategies.typiclust import mean_knn_distance, typiclust_neighbors
+
+    assert [typiclust_neighbors(s, 20) for s in (0, 1, 2, 3, 4, 10, 100)] == [0, 0, 1, 1, 2, 5, 20]
+    assert typiclust_neighbors(10, 3) == 3
+    base_rows = np.random.default_rng(0).standard_normal((30, 5)) * 3 + 10
+    x = np.concatenate([base_rows, base_rows])  # duplicates: neighbours at distance 0
+    # |a|^2 + |b|^2 - 2 a.b rounds below 0 for some twins here: clamped, never a NaN.
+    sq = np.einsum("ij,ij->i", x, x)
+    raw = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+    np.fill_diagonal(raw, 1.0)
+    assert (raw < 0).any()
+    brute = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(brute, np.inf)
+    for n_neighbors in (1, 2, 5):
+        want = np.sort(brute, axis=1)[:, :n_neighbors].mean(axis=1)
+        got = mean_knn_distance(x, n_neighbors)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-6)
+    # (within the formula's rounding: ~sqrt(|x|^2 * 1e-16), not exactly 0)
+    np.testing.assert_allclose(mean_knn_distance(x, 1), 0.0, atol=1e-6)
+    assert np.isinf(mean_knn_distance(x, 0)).all() and mean_knn_distance(x, 0).shape == (60,)
+    # Many neighbours in a large cluster (numpy's partition only guarantees the k-th element).
+    big = np.random.default_rng(15).random((1000, 2))
+    d = np.sqrt(((big[:, None] - big[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(
+        mean_knn_distance(big, 100), np.sort(d, axis=1)[:, :100].mean(axis=1), rtol=1e-9
+    )
+
+
+def test_mean_knn_distance_over_several_chunks():
+    # 2100 rows: the distance matrix is computed in two row chunks (4M values each).
+    from after_ray.al.strategies.typiclust import mean_knn_distance
+
+    x = np.random.default_rng(16).standard_normal((2100, 3))
+    got = mean_knn_distance(x, 3)
+    for i in (0, 1999, 2099):
+        d = np.sqrt(((x - x[i]) ** 2).sum(1))
+        d[i] = np.inf
+        assert got[i] == pytest.approx(np.sort(d)[:3].mean(), rel=1e-9)
+
+
+def test_typiclust_cluster_count_iterations_and_embeddings():
+    from after_ray.al.kernels.clustering import kmeans
+    from after_ray.al.strategies.base import speaker_standardize
+
+    pool = make_pool(n=40, n_labeled=10, seed=17)
+    assert TypiClustSampling().n_clusters(pool, 5) == 15  # labeled + k
+    assert TypiClustSampling(max_clusters=4).n_clusters(pool, 5) == 4
+    one = make_pool(n=1, n_labeled=0, seed=17)
+    assert TypiClustSampling().n_clusters(one, 1) == 1
+    got = TypiClustSampling(kmeans_niter=1).cluster(pool, 5, seed=2)
+    np.testing.assert_array_equal(got, kmeans(pool.embeddings, 15, seed=2, niter=1)[1])
+    # Without x, cluster() and select_with_clusters() measure the (speaker-normalised)
+    # embeddings themselves, as _select does.
+    speakers = np.array([f"s{i % 3}" for i in range(40)])
+    spk_pool = PoolView(
+        utt_ids=pool.utt_ids, labeled=pool.labeled, embeddings=pool.embeddings, speakers=speakers
+    )
+    z = speaker_standardize(pool.embeddings, speakers)
+    for norm, x in ((None, z), (False, pool.embeddings)):
+        strategy = TypiClustSampling(kmeans_niter=3, speaker_norm=norm)
+        a = strategy.cluster(spk_pool, 5, seed=4)
+        np.testing.assert_array_equal(a, strategy.cluster(spk_pool, 5, seed=4, x=x))
+        np.testing.assert_array_equal(
+            strategy.select_with_clusters(spk_pool, a, 5),
+            strategy.select_with_clusters(spk_pool, a, 5, x=x),
+        )
+    strict = TypiClustSampling(speaker_norm=True)
+    for call in (
+        lambda: strict.cluster(pool, 5, seed=0),
+        lambda: strict.select_with_clusters(pool, np.zeros(40, dtype=np.int64), 5),
+    ):
+        with pytest.raises(PoolError, match="^strategy 'typiclust' has speaker_norm=true"):
+            call()
+
+
+def test_alps_uses_its_own_iteration_count():
+    from after_ray.al.strategies.alps import ALPSSampling
+    from after_ray.al.strategies.base import l2_normalize
+    from after_ray.al.strategies.cold_start import best_kmeans
+
+    pool = make_pool(n=50, n_labeled=10, seed=18)
+    unl, xu, centroids, assignment = ALPSSampling(kmeans_niter=1, kmeans_n_init=2).cluster(
+        pool, 6, seed=1
+    )
+    want_c, want_a, _ = best_kmeans(
+        l2_normalize(pool.embeddings)[unl], 6, seed=1, niter=1, n_init=2
+    )
+    np.testing.assert_array_equal(centroids, want_c)
+    np.testing.assert_array_equal(assignment, want_a)
+    assert assignment.dtype == np.int64
+
+
+# ---------------------------------------------------------------------------- cold start helpers
+
+
+def test_kmeans_inertia_by_hand_and_over_chunks():
+    from after_ray.al.strategies.cold_start import kmeans_inertia
+
+    x = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]], dtype=np.float32)
+    centroids = np.array([[1.0, 0.0], [10.0, 11.0]], dtype=np.float32)
+    assert kmeans_inertia(x, centroids, np.array([0, 0, 1])) == 3.0
+    # Over more than one 65536-row chunk, in float64 (a float32 sum would lose the small terms).
+    rng = np.random.default_rng(19)
+    big = (1000.0 + rng.standard_normal((70_000, 2))).astype(np.float32)
+    c = big.astype(np.float64).mean(axis=0, keepdims=True).astype(np.float32)
+    want = float(((big.astype(np.float64) - c.astype(np.float64)) ** 2).sum())
+    assert kmeans_inertia(big, c, np.zeros(70_000, dtype=np.int64)) == pytest.approx(
+        want, rel=1e-12
+    )
+
+
+def test_elbow_index_edge_cases_by_hand():
+    assert elbow_index([10.0, 2.0, 1.0]) == 1  # three points: the middle one is the elbow
+    assert elbow_index([10.0, 9.0, 1.0, 0.5]) == 2  # the elbow next to the last point
+    assert elbow_index([10.0, 4.0, 3.0, 2.5]) == 1
+    # Relative tolerance: a tiny curve has an elbow too, a straight one does not.
+    assert elbow_index([1e-12, 2e-13, 1e-13]) == 1
+    assert elbow_index([1.0, 0.5 - 8e-10, 0.0]) == 2  # gap 8e-10 < 1e-9 x W(1): no elbow
+    assert elbow_index([1e9, 5e8 - 1.0, 0.0]) == 2  # gap exactly 1e-9 x W(1): still no elbow
+    assert elbow_index([5.0, 1.0]) == 1 and elbow_index([5.0]) == 0
+
+
+def test_best_kmeans_and_elbow_by_value():
+    from after_ray.al.kernels.clustering import kmeans
+    from after_ray.al.strategies.cold_start import best_kmeans, kmeans_inertia
+    from after_ray.seeding import kmeans_restart_seed
+
+    rng = np.random.default_rng(20)
+    centers = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0]])
+    x = (centers[rng.integers(0, 4, 200)] + rng.standard_normal((200, 2))).astype(np.float32)
+    # K = 1 is the float64 mean, exactly.
+    c1, a1, w1 = best_kmeans(x, 1, seed=0)
+    np.testing.assert_array_equal(c1, x.astype(np.float64).mean(axis=0, keepdims=True))
+    assert a1.tolist() == [0] * 200 and w1 == kmeans_inertia(x, c1, a1)
+    # K >= 2: the first of the lowest-inertia restarts, each with its own seed and niter.
+    for niter, n_init in ((1, 6), (20, 1)):
+        runs = [
+            kmeans(x, 4, seed=kmeans_restart_seed(5, n_init, i), niter=niter) for i in range(n_init)
+        ]
+        inertias = [kmeans_inertia(x, c, a) for c, a in runs]
+        first_best = inertias.index(min(inertias))
+        got_c, got_a, got_w = best_kmeans(x, 4, seed=5, niter=niter, n_init=n_init)
+        np.testing.assert_array_equal(got_c, runs[first_best][0])
+        np.testing.assert_array_equal(got_a, runs[first_best][1])
+        assert got_w == inertias[first_best] and got_c.shape == (4, 2)
+    # Equal inertia (every restart that finds the 4 exact groups has inertia 0, with its
+    # centroids in its own order): the earlier run is kept.
+    corners = np.repeat(np.array([[0, 0], [10, 0], [0, 10], [10, 10]], np.float32), 10, axis=0)
+    runs = [kmeans(corners, 4, seed=kmeans_restart_seed(3, 5, i), niter=20) for i in range(5)]
+    zero = [i for i, (c, a) in enumerate(runs) if kmeans_inertia(corners, c, a) == 0.0]
+    assert len(zero) >= 2 and not np.array_equal(runs[zero[0]][0], runs[zero[-1]][0])
+    np.testing.assert_array_equal(best_kmeans(corners, 4, seed=3, n_init=5)[0], runs[zero[0]][0])
+    # Defaults: niter 20, one run (on data where 20 and 21 iterations still differ).
+    u = np.random.default_rng(0).random((300, 2)).astype(np.float32)
+    c20 = kmeans(u, 8, seed=1, niter=20)[0]
+    assert not np.array_equal(c20, kmeans(u, 8, seed=1, niter=21)[0])
+    np.testing.assert_array_equal(best_kmeans(u, 8, seed=1)[0], c20)
+    np.testing.assert_array_equal(elbow_n_clusters(u, 8, seed=1)[2][8][0], c20)
+    k, inertias, runs = elbow_n_clusters(x, 6, seed=1, niter=1, n_init=2)
+    assert inertias.dtype == np.float64 and inertias.shape == (6,) and set(runs) == set(range(1, 7))
+    for n_clusters in (2, 4):
+        np.testing.assert_array_equal(
+            runs[n_clusters][0], best_kmeans(x, n_clusters, seed=1, niter=1, n_init=2)[0]
+        )
