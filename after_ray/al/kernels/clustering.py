@@ -34,6 +34,8 @@ __all__ = [
 
 _DEFAULT_CHUNK = 65536
 _POINTS_PER_CENTROID = 128  # default training sample per centroid (FAISS: 39 to 256)
+# Whitening leaves components with less spread than this fraction of the largest unscaled.
+_WHITEN_FLOOR = 1e-6
 
 
 def _as_float32(block: np.ndarray) -> np.ndarray:
@@ -212,13 +214,17 @@ def reduce_dims(
         raise ValueError(f"pca_dim must lie in [1, {d}]; got {pca_dim}")
     rows = sample_rows(n, sample, seed)
     train = _gather(x, rows, chunk_rows)
-    mat = faiss.PCAMatrix(d, pca_dim, -0.5 if whiten else 0.0, False)
+    # Plain PCA; whitening is the rescale below. (FAISS's own whitening, eigen power -1/2,
+    # divides by sqrt(eigenvalue): a zero-variance component, when pca_dim exceeds the rank of
+    # the data, came out as NaN in every row.)
+    mat = faiss.PCAMatrix(d, pca_dim, 0.0, False)
     mat.train(train)
     reducer = PCAReducer(mat, d, pca_dim)
     if whiten:
-        # FAISS scales by its eigenvalues' -1/2 power, whose normalisation is not the sample
-        # variance; rescale so every component has unit variance on the training sample.
+        # Unit variance per component on the training sample. A component whose spread is
+        # float32 rounding noise (below 1e-6 of the largest) carries no direction: left as is.
         std = reducer.apply(train, chunk_rows=chunk_rows).std(axis=0, dtype=np.float64)
-        reducer.scale = np.where(std > 0, 1.0 / np.maximum(std, 1e-30), 1.0).astype(np.float32)
+        floor = _WHITEN_FLOOR * float(std.max())
+        reducer.scale = np.where(std > floor, 1.0 / np.maximum(std, 1e-30), 1.0).astype(np.float32)
     del train
     return reducer.apply(x, chunk_rows=chunk_rows), reducer
