@@ -151,3 +151,51 @@ def test_sharded_exact_equals_single_process_and_two_round_is_bounded(ray_sessio
     assert len(set(approx.tolist())) == 80 and cand[approx].all() and not np.isin(approx, lab).any()
     # Composable-coreset guarantee: <= 4 OPT <= 4 x (exact greedy radius).
     assert radius(approx) <= 4 * radius(kcenter_greedy(x, lab, 80, candidates=cand))
+
+
+# ------------------------------------------------------------------ the naive baseline, by value
+
+
+def test_naive_baseline_in_chunks_float16_small_distances_and_timings():
+    import time
+
+    rng = _rng(30)
+    # Squared distances mostly < 1, and a trend along the rows: every chunk has its own mean,
+    # so the first pick (nearest the mean of all candidates) needs every chunk, once.
+    x = (rng.standard_normal((3000, 6)) * 0.1 + np.linspace(0, 1, 3000)[:, None]).astype(np.float32)
+    cand = rng.random(3000) < 0.7
+    t0 = time.perf_counter()
+    timings = {}
+    got = kcenter_greedy_naive(x, [], 40, candidates=cand, chunk_rows=256, timings=timings)
+    wall = time.perf_counter() - t0
+    np.testing.assert_array_equal(got, brute_force(x, [], 40, cand))
+    assert got.dtype == np.int64
+    assert set(timings) == {"setup_s", "picks_s", "timed_picks"}
+    assert timings["timed_picks"] == 39  # the first pick (nearest the mean) is set-up
+    assert 0 <= timings["setup_s"] and 0 <= timings["picks_s"]
+    assert timings["setup_s"] + timings["picks_s"] <= wall
+    lab = rng.choice(3000, 50, replace=False)
+    timings = {}
+    got = kcenter_greedy_naive(x, lab, 30, chunk_rows=500, timings=timings)
+    np.testing.assert_array_equal(got, brute_force(x, lab, 30))
+    assert timings["timed_picks"] == 30
+    x16 = rng.standard_normal((3000, 5)).astype(np.float16)
+    np.testing.assert_array_equal(kcenter_greedy_naive(x16, [], 300), brute_force(x16, [], 300))
+    one = kcenter_greedy_naive(x, [], 1)
+    assert one.tolist() == brute_force(x, [], 1).tolist()
+    none = kcenter_greedy_naive(x, [], 0)
+    assert none.dtype == np.int64 and none.size == 0
+
+
+def test_naive_baseline_with_more_than_one_block_of_labeled_rows_and_candidates():
+    # 4200 labeled rows (two blocks of 4096) and 8800 candidates (two blocks of 8192). Labeled
+    # row 4096 (the first of the second block) sits on a far point next to candidate 12000, so
+    # that candidate is covered only if every labeled block is used.
+    rng = _rng(31)
+    x = (rng.standard_normal((13000, 4)) * 0.1).astype(np.float32)
+    lab = np.arange(4200)
+    x[4096] = 50.0
+    x[12000] = 50.0 + 1e-3
+    got = kcenter_greedy_naive(x, lab, 12)
+    np.testing.assert_array_equal(got, brute_force(x, lab, 12))
+    assert 12000 not in got.tolist()
