@@ -199,3 +199,114 @@ def test_naive_baseline_with_more_than_one_block_of_labeled_rows_and_candidates(
     got = kcenter_greedy_naive(x, lab, 12)
     np.testing.assert_array_equal(got, brute_force(x, lab, 12))
     assert 12000 not in got.tolist()
+
+
+# ------------------------------------------------------------------ LazyKCenter as the shards use it
+
+
+def _greedy_over_shards(x, labeled, k, *, shards=3, candidates=None, hot_size=16, chunk_rows=300):
+    """after_ray.distributed.kcenter's exact mode without Ray: one LazyKCenter per row range,
+    the global candidate mean for the first pick, every pick committed to every shard."""
+    n = len(x)
+    lab = np.unique(np.asarray(labeled, dtype=np.int64))
+    mask = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool).copy()
+    mask[lab] = False
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    states = []
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        cand = np.flatnonzero(mask[a:b]) + a
+        st = kc.LazyKCenter(
+            kc.RowSource(x, cand), capacity=k, chunk_rows=chunk_rows, hot_size=hot_size
+        )
+        states.append((st, cand))
+    sums = [st.candidate_sum() for st, _ in states]
+    center_mean = sum(t for t, _ in sums) / sum(c for _, c in sums)
+    lab_rows = kc.RowSource(x, lab) if len(lab) else None
+    for st, _ in states:
+        st.setup(lab_rows, center_mean)
+    picks = []
+    for j in range(min(k, int(mask.sum()))):
+        props = []
+        for s, (st, cand) in enumerate(states):
+            if st.stats.picks < st.n:
+                value, local = st.propose(need_value=True)
+                props.append((value, int(cand[local]), s, local))
+        if j == 0 and not len(lab):
+            value, pos, owner, local = min(props, key=lambda p: (p[0], p[1]))
+        else:
+            value, pos, owner, local = min(props, key=lambda p: (-p[0], p[1]))
+        picks.append(pos)
+        for s, (st, _) in enumerate(states):
+            st.commit(x[pos], local if s == owner else None)
+    return np.asarray(picks, dtype=np.int64), states
+
+
+def test_shards_with_a_global_mean_equal_the_single_process_greedy(few_cells):
+    rng = _rng(40)
+    # A trend along the rows: each shard's own mean is far from the global one.
+    x = (rng.standard_normal((1800, 6)) + np.linspace(-3, 3, 1800)[:, None]).astype(np.float32)
+    got, states = _greedy_over_shards(x, [], 60)
+    np.testing.assert_array_equal(got, brute_force(x, [], 60))
+    assert sum(st.stats.picks for st, _ in states) == 60
+    lab = rng.choice(1800, 40, replace=False)
+    cand = rng.random(1800) < 0.6
+    got, _ = _greedy_over_shards(x, lab, 50, candidates=cand)
+    np.testing.assert_array_equal(got, brute_force(x, lab, 50, cand))
+
+
+def test_first_pick_nearest_a_given_mean_ties_and_a_single_row():
+    rng = _rng(41)
+    x = rng.standard_normal((2000, 5)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    for center in (x64.mean(0) + 0.25, rng.standard_normal(5) * 2):
+        state = kc.LazyKCenter(kc.RowSource(x), capacity=3, chunk_rows=256)
+        state.setup(None, center_mean=center)
+        value, idx = state.propose()
+        d = ((x64 - center) ** 2).sum(1)
+        assert idx == int(np.argmin(d)) and value == pytest.approx(d.min(), rel=1e-9)
+    # Two copies of the nearest row (positions 7 and 1500): the lower position, exact value.
+    x[1500] = x[7]
+    center = x64[7] + 1e-3
+    state = kc.LazyKCenter(kc.RowSource(x), capacity=3, chunk_rows=256)
+    state.setup(None, center_mean=center)
+    value, idx = state.propose()
+    assert idx == 7 and value == pytest.approx(((x[7].astype(np.float64) - center) ** 2).sum())
+    assert state.stats.exact_rechecks >= 2  # both copies were compared in float64
+    single = kc.LazyKCenter(kc.RowSource(x[:1]), capacity=1)
+    single.setup(None, center_mean=np.zeros(5))
+    assert single.propose() == (pytest.approx(float((x64[0] ** 2).sum())), 0)
+    with pytest.raises(RuntimeError) as err:
+        single.commit(x[0], 0)
+        single.commit(x[0], None)
+    assert str(err.value) == "k-center state holds at most 1 picks"
+
+
+def test_input_conversions_refusals_and_empty_results():
+    rng = _rng(42)
+    grid = np.stack(np.meshgrid(np.arange(6), np.arange(5), np.arange(4), indexing="ij"), -1)
+    x32 = (grid.reshape(-1, 3) + 16).astype(np.float32)
+    # float64 input is compared on its float32 values: perturbations below float32 precision
+    # (ulp(16) ~ 2e-6) must not break the grid's exact ties.
+    x64 = x32.astype(np.float64) + rng.uniform(-1e-9, 1e-9, size=x32.shape)
+    np.testing.assert_array_equal(kcenter_greedy(x64, [], 60), brute_force(x32, [], 60))
+    # store_dtype converts chunk by chunk (small chunks here), and every row makes it.
+    x = rng.standard_normal((2500, 8)).astype(np.float32)
+    np.testing.assert_array_equal(
+        kcenter_greedy(x, [], 50, store_dtype="float16", chunk_rows=100),
+        brute_force(x.astype(np.float16), [], 50),
+    )
+    for empty in (kcenter_greedy(x, [], 0), kcenter_greedy(x, np.arange(2500), 4)):
+        assert empty.dtype == np.int64 and empty.size == 0
+    with pytest.raises(ValueError) as err:
+        kcenter_greedy(x[:, 0], [], 3)
+    assert str(err.value) == "embeddings must be [N, D]; got shape (2500,)"
+    with pytest.raises(ValueError) as err:
+        kcenter_greedy(x, [2500], 3)
+    assert str(err.value) == "labeled positions must lie in [0, 2500); got min 2500, max 2500"
+    with pytest.raises(ValueError) as err:
+        kcenter_greedy(x, [], 3, candidates=np.ones(10, bool))
+    assert str(err.value) == "candidates mask has shape (10,), expected (2500,)"
+    st = KCenterStats()
+    kcenter_greedy(x, [], 30, hot_size=16, stats=st)
+    assert st.picks == 30 and st.refills >= 1 and st.exact_rechecks >= 1
+    assert 0 < st.refreshed_rows and 0 < st.hot_updates
