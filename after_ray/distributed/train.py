@@ -181,11 +181,13 @@ class WorkerDiagnostics:
     """
 
     def __init__(self, directory: str | os.PathLike | None, rank: int, world: int):
+        from after_ray.training.ddp import rank_and_world
+
         self.path = Path(directory) / f"rank-{rank}.json" if directory else None
         self.record: dict[str, Any] = {
             "rank": rank,
             "world_size": world,
-            "torch_world_size": _torch_world_size(),
+            "torch_world_size": rank_and_world()[1],
             "batches": {},
             "digests": {},
         }
@@ -209,14 +211,6 @@ class WorkerDiagnostics:
     def write(self) -> None:
         if self.path is not None:
             atomic_write_json(self.path, self.record, what="the worker diagnostics")
-
-
-def _torch_world_size() -> int:
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def _wrap_ddp(model, world: int):

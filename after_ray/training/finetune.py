@@ -43,6 +43,7 @@ from after_ray.metrics import classification_report
 from after_ray.models.classifier import SERClassifier
 from after_ray.seeding import blake2b_seed
 from after_ray.store.atomic import to_jsonable
+from after_ray.training.ddp import rank_and_world
 from after_ray.training.precision import autocast_for, grad_scaler_for, resolve_precision
 
 Batch = dict[str, Any]
@@ -413,7 +414,7 @@ def train_one_epoch(
     over every rank's items, the same number on every rank.
     """
     model.train()
-    world = _world_size()
+    _, world = rank_and_world()
     resolved = resolve_precision(cfg.precision, device)
     if scaler is None:
         scaler = grad_scaler_for(resolved, device)
@@ -527,13 +528,6 @@ def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         following = next(iterator, sentinel)
         yield current, following is sentinel
         current = following
-
-
-def _world_size() -> int:
-    """torch.distributed's world size, 1 when it is not running."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 def _steps_on_every_rank(
@@ -658,7 +652,7 @@ def finetune(
 
     resolved = resolve_precision(cfg.precision, device)  # fp16 on the CPU fails here, at start
     scaler = grad_scaler_for(resolved, device)
-    world = _world_size()
+    _, world = rank_and_world()
     effective_batch = cfg.batch_size * cfg.grad_accumulation * world
     log.info(
         "fine-tuning: effective batch %d = batch_size %d x grad_accumulation %d x %d worker(s); "

@@ -45,6 +45,7 @@ from after_ray.models.pretraining import (
     wav2vec2_pretraining_loss,
 )
 from after_ray.seeding import seedsequence_seed
+from after_ray.training.ddp import rank_and_world
 from after_ray.training.precision import autocast_for, resolve_precision
 
 # Independent random streams derived from (seed, rank, step, stream).
@@ -212,13 +213,6 @@ def _batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, A
     return moved
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed, (0, 1) when it is not running."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _rng_fork(device: torch.device) -> contextlib.AbstractContextManager[None]:
     devices = (
         [device.index if device.index is not None else torch.cuda.current_device()]
@@ -257,7 +251,7 @@ def _prepare_masked_prediction(
     start_state: dict[str, Any] | None,
 ) -> tuple[MaskedPredictionHead, ClusterTargets]:
     core = unwrap(model)
-    world = _distributed()[1]
+    world = rank_and_world()[1]
     if start_state is not None:
         layer = int(start_state["targets_layer"])
         targets = ClusterTargets.empty_like(core, layer, cfg.hubert_num_clusters)
@@ -387,8 +381,8 @@ def _start_run(
 ) -> _Run:
     """Model on ``device``, masked-prediction head and targets, optimizer, resumed state."""
     if rank is None:
-        rank = _distributed()[0]
-    _, world = _distributed()
+        rank = rank_and_world()[0]
+    _, world = rank_and_world()
     core = unwrap(model)
     model.to(device)
     objective = objective_of(model)
