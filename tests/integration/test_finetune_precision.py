@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from dtype_hooks import output_dtypes
 from test_finetune import CLASS_NAMES, make_batches, tones
 from torch import nn
 
@@ -64,27 +65,18 @@ def items():
 def _one_epoch_with_dtype_hooks(precision: str, items):
     cfg = FinetuneConfig(precision=precision, batch_size=4, **EXACT)
     model = _classifier(cfg)
-    seen: dict[str, set[torch.dtype]] = {"Linear": set(), "Conv1d": set()}
-
-    def hook(module, _inputs, output):
-        seen[type(module).__name__].add(output.dtype)
-
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if type(m) in (nn.Linear, nn.Conv1d)
-    ]
     optimizer = build_optimizer(cfg, model)
     torch.manual_seed(0)
-    loss = train_one_epoch(
-        model,
-        optimizer,
-        make_batches(items["train"], 4),
-        n_classes=len(CLASS_NAMES),
-        class_weights=None,
-        cfg=cfg,
-        epoch=0,
-    )
-    for handle in handles:
-        handle.remove()
+    with output_dtypes(model) as seen:
+        loss = train_one_epoch(
+            model,
+            optimizer,
+            make_batches(items["train"], 4),
+            n_classes=len(CLASS_NAMES),
+            class_weights=None,
+            cfg=cfg,
+            epoch=0,
+        )
     return loss, seen, {k: v.detach().clone() for k, v in model.state_dict().items()}, model
 
 
@@ -121,24 +113,17 @@ def test_bf16_autocast_covers_training_on_cached_cnn_features(items):
             cfg, model, make_batches(items["train"], 4), make_batches(items["val"], 4)
         )
         caches[precision] = train.cache
-        seen: set[torch.dtype] = set()
-        handles = [
-            m.register_forward_hook(lambda mod, i, out, seen=seen: seen.add(out.dtype))
-            for m in model.modules()
-            if type(m) is nn.Linear
-        ]
-        losses[precision] = train_one_epoch(
-            model,
-            build_optimizer(cfg, model),
-            train(0),
-            n_classes=len(CLASS_NAMES),
-            class_weights=None,
-            cfg=cfg,
-            epoch=0,
-        )
-        for handle in handles:
-            handle.remove()
-        assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+        with output_dtypes(model, (nn.Linear,)) as seen:
+            losses[precision] = train_one_epoch(
+                model,
+                build_optimizer(cfg, model),
+                train(0),
+                n_classes=len(CLASS_NAMES),
+                class_weights=None,
+                cfg=cfg,
+                epoch=0,
+            )
+        assert seen == {"Linear": {torch.bfloat16 if precision == "bf16" else torch.float32}}
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert {v.dtype for v in caches["bf16"].values()} == {torch.float32}
     assert losses["bf16"] != losses["fp32"]

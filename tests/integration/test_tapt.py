@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from dtype_hooks import output_dtypes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -296,22 +297,8 @@ def _tapt_with_dtype_hooks(precision: str):
     dtypes each kind of layer produced, the final weights)."""
     cfg = dataclasses.replace(TaptConfig(), steps=2, warmup_steps=1, precision=precision)
     model = load_backbone(BackboneConfig(name_or_path="tiny"), for_pretraining=True)
-    seen: dict[str, set[torch.dtype]] = {"Linear": set(), "Conv1d": set()}
-
-    def record(module, _inputs, output):
-        out = output[0] if isinstance(output, tuple) else output
-        seen[type(module).__name__].add(out.dtype)
-
-    hooks = [
-        m.register_forward_hook(record)
-        for m in model.modules()
-        if type(m) in (torch.nn.Linear, torch.nn.Conv1d)
-    ]
-    try:
+    with output_dtypes(model) as seen:
         result = tapt_loop(cfg, model, synthetic_batches(1, batch_size=2, seed=5), device="cpu")
-    finally:
-        for hook in hooks:
-            hook.remove()
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return result["loss_history"], seen, weights, model
 
