@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kcenter_brute_force import brute_force
 
 import after_ray.al.kernels.kcenter as kc
 from after_ray.al.kernels.kcenter import KCenterStats, kcenter_greedy
 from after_ray.al.kernels.reference import kcenter_greedy_naive
-
-
-def brute_force(x, labeled, k, candidates=None):
-    """The rule of the kcenter module docstring, in float64 with no shortcuts."""
-    x64 = np.asarray(x).astype(np.float64)
-    n = len(x64)
-    lab = np.unique(np.asarray(labeled, dtype=np.int64))
-    mask = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool).copy()
-    mask[lab] = False
-    cand = np.flatnonzero(mask)
-    u = x64[cand]
-    d = np.full(len(cand), np.inf)
-    for p in lab:
-        d = np.minimum(d, ((u - x64[p]) ** 2).sum(1))
-    picks, alive = [], np.ones(len(cand), bool)
-    if not len(lab) and len(cand):
-        i = int(np.argmin(((u - u.mean(axis=0)) ** 2).sum(1)))
-        picks.append(cand[i])
-        alive[i] = False
-        d = ((u - u[i]) ** 2).sum(1)
-    while len(picks) < min(k, len(cand)):
-        i = int(np.argmax(np.where(alive, d, -np.inf)))
-        picks.append(cand[i])
-        alive[i] = False
-        d = np.minimum(d, ((u - u[i]) ** 2).sum(1))
-    return np.asarray(picks, dtype=np.int64)
 
 
 @pytest.fixture
