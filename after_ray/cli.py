@@ -173,7 +173,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "audio":
         from after_ray.bench.audio import run_audio_benchmark
 
-        run_audio_benchmark(n_files=args.n_files, seconds=_seconds(args, 3.0))
+        run_audio_benchmark(n_files=_or(args.n_files, 200), seconds=_seconds(args, 3.0))
+        return 0
+    if args.what == "ingest":
+        from after_ray.bench.ingest import run_ingest_benchmark
+
+        try:
+            run_ingest_benchmark(
+                n_files=_or(args.n_files, 128),
+                seconds=_seconds(args, 5.0),
+                batch_size=_or(args.batch_size, 8),
+                seed=args.seed,
+                repeats=args.repeats,
+                ways=tuple(w.strip() for w in args.ways.split(",") if w.strip()),
+                out_dir=args.out_dir,
+            )
+        except ValueError as exc:  # unknown ways, files no longer than the crop
+            raise AfterRayError(f"bench ingest: {exc}") from None
         return 0
     if args.what == "select":
         from after_ray.bench.select import run_select_benchmark
@@ -409,7 +425,10 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = _add_command(
         sub, "bench", cmd_bench, "benchmarks: our code against a baseline in the same run"
     )
-    p.add_argument("what", choices=["al", "audio", "select", "load", "finetune", "backbone", "gpu"])
+    p.add_argument(
+        "what",
+        choices=["al", "audio", "ingest", "select", "load", "finetune", "backbone", "gpu"],
+    )
     p.add_argument(
         "--arms",
         default="after,random,entropy,coreset",
@@ -425,13 +444,17 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="al: default: what the cluster holds without the Tune + Data/Train deadlock",
     )
     p.add_argument(
-        "--n-files", type=int, default=200, help="audio: total files (alternating over the rates)"
+        "--n-files",
+        type=int,
+        default=None,
+        help="audio, ingest: total files, alternating over the rates (200; ingest 128)",
     )
     p.add_argument(
         "--seconds",
         type=float,
         default=None,
-        help="audio: seconds per file (3); backbone, gpu: seconds per utterance (2; gpu: 4)",
+        help="audio, ingest: seconds per file (3; ingest 5, above the 4 s crop); backbone, gpu: "
+        "seconds per utterance (2; gpu: 4)",
     )
     # Sizes default per benchmark (None here, resolved in cmd_bench).
     p.add_argument(
@@ -445,8 +468,23 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rounds", type=int, default=2, help="load: selection rounds per strategy")
     p.add_argument("--n-classes", type=int, default=4, help="load: classes")
-    p.add_argument("--out-dir", help="load: keep the shards and run directories here")
-    p.add_argument("--seed", type=int, default=0, help="load: data seed")
+    p.add_argument(
+        "--out-dir",
+        help="load: keep the shards and run directories here; ingest: the run directory "
+        "(default runs/bench-ingest)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="load, ingest: data seed")
+    p.add_argument(
+        "--ways",
+        default="ours,ray,ray_ordered,ray_per_epoch",
+        help="ingest: ways of feeding the Train workers, comma-separated",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="ingest: runs of each way with the same seed, compared with the first (>= 2)",
+    )
     p.add_argument("--strategy", default="coreset", choices=["coreset", "badge", "cluster-margin"])
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--data", default="random", choices=["random", "clustered"])
@@ -462,7 +500,7 @@ def _add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="backbone, gpu: utterances per step (2; gpu: 8)",
+        help="backbone, gpu, ingest: utterances per step (2; gpu, ingest: 8)",
     )
     p.add_argument(
         "--steps",

@@ -12,6 +12,8 @@ Data pipeline it builds per epoch (``audio_dataset(..., epoch=e)``), rather than
 passed to the trainer: a per-epoch pipeline gives fresh training crops every epoch that are
 still a pure function of (seed, epoch, utt_id), which is what makes a resumed run equal an
 uninterrupted one. Decoding still streams block by block under Ray Data's backpressure.
+``after-ray bench ingest`` measures this against ``datasets=`` + ``get_dataset_shard`` (README,
+"Why workers build their own pipeline").
 With uneven shards the ranks' places in their data differ, so a TAPT checkpoint holds every
 rank's (``rank_positions``) and each resumes at its own; fine-tuning keeps the ranks' step
 counts equal (``training.finetune._steps_on_every_rank``).
@@ -132,6 +134,16 @@ def _fit(loop, loop_config: dict, *, name: str, storage_path, ray_cfg):
 def _user_facing_cause(error: BaseException) -> AfterRayError | None:
     """The first ``AfterRayError`` in ``error``'s chain or in Ray's per-worker failures."""
     return next((e for e in exception_chain(error) if isinstance(e, AfterRayError)), None)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s training batches (its shuffle order and its crops).
+
+    Each rank draws from its own stream, so two ranks never repeat one order; the stream is
+    still a pure function of (seed, rank), which a resumed run needs. ``bench ingest`` uses it
+    to iterate exactly what the loops below iterate.
+    """
+    return seed + 7919 * rank
 
 
 def _rank_world() -> tuple[int, int]:
@@ -313,7 +325,7 @@ def tapt_worker_loop(loop_config: dict) -> dict:
 
     def batches(epoch: int):
         drawn = audio.train_batches(
-            seed=tapt_cfg.seed + 7919 * rank, epoch=epoch, batch_size=tapt_cfg.batch_size
+            seed=rank_seed(tapt_cfg.seed, rank), epoch=epoch, batch_size=tapt_cfg.batch_size
         )
         return _with_failpoint(diagnostics.batches(epoch, drawn), "tapt_step")
 
@@ -603,7 +615,7 @@ def _finetune_batches(
     def train_batches(epoch: int) -> Iterable[dict]:
         return _with_failpoint(
             train_audio.train_batches(
-                seed=ft_cfg.seed + 7919 * rank, epoch=epoch, batch_size=ft_cfg.batch_size
+                seed=rank_seed(ft_cfg.seed, rank), epoch=epoch, batch_size=ft_cfg.batch_size
             ),
             "finetune_step",
         )

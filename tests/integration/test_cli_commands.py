@@ -490,7 +490,8 @@ def test_config_prints_the_resolved_values(tmp_path):
 
 
 # Commands and the tests that run them for real, in a subprocess or in-process with their
-# output checked (bench al and bench load: tests/integration/test_bench_al.py, test_cli_bench.py).
+# output checked (bench al, bench load and bench ingest: tests/integration/test_bench_al.py,
+# test_cli_bench.py, test_bench_ingest.py).
 COVERED = {
     "demo": "test_demo_runs_every_arm_and_writes_the_report",
     "prepare": "test_prepare_writes_the_manifest_and_the_quarantine_table",
