@@ -25,15 +25,15 @@ test: $(STAMP)
 	$(BIN)/ruff check after_ray jobs tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# Mutation check (README, "Tests"): mutmut mutates after_ray/al/ and after_ray/metrics.py and
-# runs their fast unit tests against every mutant, one child at a time (about an hour on 2
-# cores); then prints killed / survived / survival per file. Not part of `make test`.
+# Mutation check (README, "Tests"): mutmut mutates after_ray/al/, after_ray/metrics.py and
+# after_ray/store/run_state.py and runs their fast unit tests against every mutant, two children
+# at a time; then prints killed / survived / survival per file. Not part of `make test`.
 # Single-threaded BLAS/OpenMP: FAISS's OpenMP pool does not survive mutmut's fork per mutant.
 # HYPOTHESIS_PROFILE=ci: derandomized examples, so no mutant is killed or spared by luck.
 mutation: $(STAMP)
 	rm -rf mutants
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 HYPOTHESIS_PROFILE=ci \
-		$(BIN)/mutmut run --max-children 1
+		$(BIN)/mutmut run --max-children 2
 	$(BIN)/python tests/mutation/summary.py
 
 clean:
