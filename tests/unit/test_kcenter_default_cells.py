@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kcenter_brute_force import clustered
 
 import after_ray.al.kernels.kcenter as kc
 from after_ray.al.kernels.kcenter import KCenterStats, kcenter_greedy
@@ -14,12 +15,7 @@ from after_ray.al.kernels.reference import kcenter_greedy_naive
 
 
 def _clustered(n: int, d: int, n_clusters: int, seed: int) -> np.ndarray:
-    """Gaussian blobs of unequal spread: picks fill some cells far more than others."""
-    rng = np.random.default_rng(seed)
-    centers = 4.0 * rng.standard_normal((n_clusters, d))
-    which = rng.integers(0, n_clusters, n)
-    spread = rng.uniform(0.2, 1.5, n_clusters)[which, None]
-    return (centers[which] + spread * rng.standard_normal((n, d))).astype(np.float32)
+    return clustered(n, d, n_clusters, seed, scale=4.0)
 
 
 @pytest.mark.parametrize(("n", "k", "labeled"), [(6000, 600, 0), (5000, 400, 80)])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kcenter_brute_force import brute_force
+from kcenter_brute_force import brute_force, clustered
 
 import after_ray.al.kernels.kcenter as kc
 from after_ray.al.kernels.kcenter import KCenterStats, LazyKCenter, RowSource, kcenter_greedy
@@ -28,11 +28,7 @@ from after_ray.al.kernels.reference import kcenter_greedy_naive
 
 
 def _clustered(n: int, d: int, n_clusters: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = 5.0 * rng.standard_normal((n_clusters, d))
-    which = rng.integers(0, n_clusters, n)
-    spread = rng.uniform(0.2, 1.5, n_clusters)[which, None]
-    return (centers[which] + spread * rng.standard_normal((n, d))).astype(np.float32)
+    return clustered(n, d, n_clusters, seed, scale=5.0)
 
 
 def _sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
